@@ -51,7 +51,7 @@ def generate(
     """Images in [0, 1], (B, 3, H, W), for B = len(seeds) rows of ``cond``.
 
     null: the (1, L, D) unconditional embedding (``snpo.models.null_embedding``).
-    guidance_scale 1 → plain conditional sampling (the null branch is skipped).
+    guidance_scale 1 → plain conditional sampling (the null branch, or negative model, is skipped).
     """
     if len(cond) != len(seeds):
         raise ValueError(f"{len(cond)} prompt embeddings but {len(seeds)} seeds")
@@ -67,7 +67,7 @@ def generate(
     cond = cond.to(device=device, dtype=dtype)
     null_b = null.to(device=device, dtype=dtype).expand(b)
     tid = time_ids(b, (res, res), device=device, dtype=dtype) if model.family == "sdxl" else None
-    use_null = guidance_scale != 1.0 or negative_unet is not None
+    use_null = guidance_scale != 1.0  # at s = 1 the null branch cancels: eps = eps_c
     same_net = negative_unet is None
     it = sched.timesteps
     if progress:

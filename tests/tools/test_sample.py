@@ -118,6 +118,11 @@ def test_npo_negative_model(family, tmp_path):
     x2 = generate(diff.model, cond, diff.null, [0, 1], negative_unet=diff.negative_unet, **kw)
     torch.testing.assert_close(x1, x0, rtol=0, atol=1e-4)
     assert (x2 - x0).abs().mean() > 1e-3
+    # at guidance 1 the null branch cancels: the negative model is not run and changes nothing
+    kw1 = dict(guidance_scale=1.0, steps=4)
+    y0 = generate(plain.model, cond, plain.null, [0, 1], **kw1)
+    y2 = generate(diff.model, cond, diff.null, [0, 1], negative_unet=diff.negative_unet, **kw1)
+    torch.testing.assert_close(y2, y0, rtol=0, atol=0)
 
 
 def test_negative_cli_and_argument_errors(pix_model, pix_model_other, tmp_path, capsys):
