@@ -91,17 +91,26 @@ def write_config(
     return path
 
 
-def run_trainer(config: Path, log: Path) -> None:
-    """The real trainer in its own process (``python -m snpo.train``), output to ``log``."""
-    # one process: it may use every core (the ≤ 5-minute budget is for a 2-core machine)
-    threads = os.environ.get("SNPO_DEMO_THREADS", str(os.cpu_count() or 1))
-    env = {**os.environ, "OMP_NUM_THREADS": threads}
-    cmd = [sys.executable, "-m", "snpo.train", "--config", str(config)]
+def run_logged(cmd: list[str], log: Path, what: str, threads: int | None = None) -> None:
+    """Run ``cmd`` (a module of ours in its own process) with its output in ``log``; raise
+    with the log's tail when it fails. ``threads``: its OMP_NUM_THREADS (default: every core,
+    or SNPO_DEMO_THREADS)."""
+    if threads is None:
+        threads = int(os.environ.get("SNPO_DEMO_THREADS", str(os.cpu_count() or 1)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = log.read_text()[-2000:]
-        raise SystemExit(f"training failed (exit {proc.returncode}); last output:\n{tail}")
+        raise SystemExit(f"{what} failed (exit {proc.returncode}); log {log}, last output:\n{tail}")
+
+
+def run_trainer(config: Path, log: Path, threads: int | None = None) -> None:
+    """The real trainer in its own process (``python -m snpo.train``), output to ``log``."""
+    # one process: it may use every core (the ≤ 5-minute budget is for a 2-core machine)
+    run_logged(
+        [sys.executable, "-m", "snpo.train", "--config", str(config)], log, "training", threads
+    )
 
 
 def world_rewards(

@@ -254,11 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=10)
     p.set_defaults(func=cmd_figure)
 
-    p = sub.add_parser("compare", help="every objective on the same data and budget (~30 min+)")
+    p = sub.add_parser("compare", help="every objective on the same data and budget (~30 min)")
     p.add_argument("--out", default="runs/compare")
+    p.add_argument(
+        "--budget",
+        default="default",
+        choices=["default", "protocol", "quick"],
+        help="default: fits 30 min on 2 CPU cores; protocol: docs/world.md's full protocol; "
+        "quick: a smoke run of every job",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--quick", action="store_true", help="4 steps, few prompts (tests)")
+    p.add_argument("--steps", type=int, default=None, help="override the budget's steps")
+    p.add_argument("--runs", nargs="+", default=None, help="a subset of the runs (default all)")
+    p.add_argument("--jobs", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--overwrite", action="store_true", help="discard results of other settings")
+    p.add_argument("--quick", action="store_true", help="same as --budget quick")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("assets", help="rebuild the demo's base model and pairs (20-30 min)")
@@ -269,13 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    import dataclasses
 
+    from .compare import BUDGETS, compare
+
+    budget = BUDGETS["quick" if args.quick else args.budget]
+    if args.steps is not None:
+        if args.steps < 1:
+            raise SystemExit(f"--steps must be at least 1, got {args.steps}")
+        budget = dataclasses.replace(budget, steps=args.steps)
     res = compare(
-        args.out, seeds=args.seeds, steps=4 if args.quick else args.steps, quick=args.quick
+        args.out,
+        seeds=args.seeds,
+        budget=budget,
+        jobs=args.jobs,
+        overwrite=args.overwrite,
+        runs=args.runs,
     )
     print((Path(args.out) / "results.md").read_text())
-    print(f"results in {Path(args.out).resolve()} ({res['seconds']:.0f} s)")
+    print(f"results in {Path(args.out).resolve()} ({res['invocations'][-1]['seconds']:.0f} s)")
     return 0
 
 

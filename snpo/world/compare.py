@@ -1,22 +1,37 @@
 """The longer comparison on the small world: every objective on the same base, data and budget.
 
-    python -m snpo.world compare --out runs/compare [--seeds 0 1 2] [--steps 300] [--quick]
+    python -m snpo.world compare [--out runs/compare] [--budget default|protocol|quick]
+                                 [--seeds 0 1 2] [--steps N] [--jobs J] [--overwrite]
 
 Runs (docs/world.md, "Alignment protocol"; every run is ``snpo.train`` on the shipped pairs):
-    dpo, bdpo (λ 0.9), npo (negative model) + Diffusion-NPO merge and negative-model sampling,
-    snpo_naive (λ 1), snpo (λ 0.9), snpo λ 0.5, and snpo with the ELBO's weight T·ω(t).
+    dpo (λ 1), bdpo (λ 0.9), npo (the negative model, λ 1) + Diffusion-NPO merge used as CFG's
+    null branch of the dpo model, snpo_naive (λ 1), snpo (λ 0.9), snpo λ 0.5, and snpo with the
+    ELBO's weight T·ω(t) instead of the Diffusion-DPO code's weight 1.
 For each run and seed: the known reward of CFG samples at several guidance scales (training and
-held-out prompts), implicit accuracy of both branches on held-out pairs (``snpo eval``) and the
-training curves (loss, per-branch accuracy, winner log-likelihood proxy from metrics.jsonl).
-Writes results.json, results.md (mean ± std over seeds) and curves.png.
+held-out prompts, each reward component), implicit accuracy of both branches on held-out pairs
+(``snpo eval``) and the training curves (loss, per-branch accuracy, winner log-likelihood proxy,
+every step from metrics.jsonl). Writes results.json, results.md (mean ± std over seeds),
+curves.png and grid.png (seed 0's samples at the largest guidance scale).
+
+How it runs: one reference-error cache per seed (``snpo cache``; the reference errors depend on
+the seed's draws only, not on the objective, so all seven runs of a seed share it), then the
+trainings and evaluations as jobs on ``--jobs`` processes of one thread each (on 2 cores two
+single-threaded processes do ~1.4x the work of one two-threaded process). Every job's result is
+a file; a rerun with the same settings skips what is done, so an interrupted comparison resumes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
+import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .jobs import Job, run_jobs
 
 RUNS: dict[str, dict] = {
     "dpo": {"objective": "dpo", "lam": 1.0},
@@ -27,24 +42,410 @@ RUNS: dict[str, dict] = {
     "snpo_lam0.5": {"objective": "snpo", "lam": 0.5},
     "snpo_elbo": {"objective": "snpo", "lam": 0.9, "weighting": "elbo"},
 }
+NPO_MERGED = "npo+merge"  # the dpo model sampled with the merged negative model as null branch
 SCALES = (1.0, 3.0, 7.5)
 
 
-def _train(name: str, seed: int, steps: int, out: Path) -> Path:
-    from snpo.demo import ASSETS, run_trainer, write_config
+@dataclass(frozen=True)
+class Budget:
+    """What one comparison spends: training steps per run and the size of each evaluation.
 
-    run = out / f"{name}-s{seed}"
-    cfg = write_config(
-        run.with_suffix(".yaml"),
-        model=str(ASSETS / "base"),
-        data=str(ASSETS / "pairs_train.parquet"),
-        out=run,
-        steps=steps,
-        seed=seed,
-        overrides=RUNS[name],
+    steps: alignment steps per run (16 pairs each); eval_train/eval_heldout: the first N of the
+    fixed prompt order of each split; eval_seeds: noise seeds per prompt; sample_steps: DDIM
+    steps; scales: CFG guidance scales; pref_pairs: held-out pairs for implicit accuracy (None:
+    all 684); pref_timesteps: stratified timestep draws per pair."""
+
+    steps: int
+    eval_train: int
+    eval_heldout: int
+    eval_seeds: int
+    sample_steps: int
+    scales: tuple[float, ...]
+    pref_pairs: int | None
+    pref_timesteps: int
+
+
+BUDGETS: dict[str, Budget] = {
+    # fits 30 minutes on a 2-core CPU (measured: see docs/world.md); sized from timings only
+    "default": Budget(100, 16, 16, 1, 20, SCALES, 384, 1),
+    # the protocol of docs/world.md as first written (~2 h on 2 cores; minutes on a GPU)
+    "protocol": Budget(300, 16, 16, 2, 20, SCALES, None, 4),
+    # a smoke run of every job (tests, CI)
+    "quick": Budget(4, 2, 2, 1, 3, (3.0,), 16, 1),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[compare] {msg}", flush=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic JSON write (a crash leaves the old file or none, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- jobs (workers)
+
+
+def init_worker(threads: int) -> None:
+    """Each worker process: ``threads`` intra-op threads, no library progress bars."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    torch.set_num_threads(threads)
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def job_cache(config: str, cache: str, log: str, threads: int) -> dict:
+    """``snpo cache`` of the reference errors (and inputs) one seed's runs need; resumable."""
+    from snpo.demo import run_logged
+
+    done = Path(cache) / "done.json"
+    if done.is_file():
+        return {"cache": cache, "skipped": True}
+    cmd = [sys.executable, "-m", "snpo.cli", "cache", "--config", config, "--out", cache]
+    run_logged([*cmd, "--epochs", "auto", "--quiet"], Path(log), "snpo cache", threads)
+    _write_json(done, {"config": config})
+    return {"cache": cache, "skipped": False}
+
+
+def job_train(config: str, run: str, log: str, threads: int) -> dict:
+    """One alignment run through the real trainer; ``run/done.json`` marks it complete."""
+    run_dir = Path(run)
+    if (run_dir / "done.json").is_file():
+        return {"run": run, "skipped": True}
+    if run_dir.exists():  # an interrupted run: start it again from scratch
+        shutil.rmtree(run_dir)
+    from snpo.demo import run_trainer
+
+    t = time.perf_counter()
+    run_trainer(Path(config), Path(log), threads)
+    _write_json(run_dir / "done.json", {"seconds": round(time.perf_counter() - t, 1)})
+    return {"run": run, "skipped": False}
+
+
+def job_merge(base: str, positive: str, negative: str, out: str) -> dict:
+    """Diffusion-NPO's merge (α = β = 1, positive = the dpo run of the same seed)."""
+    from snpo.export import META_FILE
+    from snpo.merge import main as merge_main
+
+    if (Path(out) / META_FILE).is_file():
+        return {"merged": out, "skipped": True}
+    argv = ["--reference", base, "--positive", positive, "--negative", negative]
+    merge_main([*argv, "--out", out])
+    return {"merged": out, "skipped": False}
+
+
+def _load(base: str, export: str | None):
+    from snpo.export import load_export
+    from snpo.models import load_model
+
+    return load_model(base) if export is None else load_export(export)[0]
+
+
+def samples_path(rewards_json: Path) -> str:
+    """Where job_rewards keeps the images of ``NAME.json``: ``NAME.samples.safetensors``."""
+    return str(
+        rewards_json.parent / (rewards_json.name.removesuffix(".json") + ".samples.safetensors")
     )
-    run_trainer(cfg, run.with_suffix(".log"))
-    return run
+
+
+def job_rewards(
+    base: str, export: str | None, negative: str | None, out: str, budget: dict
+) -> dict:
+    """Known reward of CFG samples (docs/world.md protocol, sized by ``budget``); writes the
+    summary JSON and the images (safetensors, one (N, 3, 16, 16) tensor per scale)."""
+    from safetensors.torch import save_file
+
+    from snpo.demo import eval_prompts
+    from snpo.world.evaluate import evaluate_model
+
+    out_path = Path(out)
+    if out_path.is_file():
+        return {"rewards": out, "skipped": True}
+    b = Budget(**{**budget, "scales": tuple(budget["scales"])})
+    model = _load(base, export)
+    neg = None if negative is None else _load(base, negative).unet
+    res = evaluate_model(
+        model,
+        prompts=eval_prompts(b.eval_train, b.eval_heldout),
+        guidance_scales=b.scales,
+        n_seeds=b.eval_seeds,
+        steps=b.sample_steps,
+        negative_unet=neg,
+        progress=False,
+        return_images=True,
+    )
+    images = res.pop("images")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({g: x.contiguous() for g, x in images.items()}, samples_path(out_path))
+    _write_json(out_path, res)
+    return {"rewards": out, "skipped": False}
+
+
+def job_preference(
+    base: str, models: dict[str, str], pairs: str, out: str, max_pairs: int | None, timesteps: int
+) -> dict:
+    """``snpo eval`` implicit accuracy of every model of one seed on the held-out pairs."""
+    from snpo.demo import preference_eval
+
+    done = Path(out) / "preference.json"
+    if done.is_file():
+        return {"preference": str(done), "skipped": True}
+    preference_eval(base, models, pairs, Path(out), max_pairs, timesteps)
+    return {"preference": str(done), "skipped": False}
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _settings(seeds: list[int], budget: Budget, names: list[str]) -> dict:
+    from snpo.demo import ALIGN
+
+    runs = {n: RUNS[n] for n in names}
+    return {"seeds": list(seeds), "budget": asdict(budget), "runs": runs, "align": ALIGN}
+
+
+def has_merge(names: list[str]) -> bool:
+    """The Diffusion-NPO merge needs its positive (dpo) and negative (npo) runs."""
+    return "dpo" in names and "npo" in names
+
+
+def run_names(runs: list[str] | None) -> list[str]:
+    """The runs asked for, in RUNS' order (all by default); unknown names are refused."""
+    if not runs:
+        return list(RUNS)
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
+    return [n for n in RUNS if n in runs]
+
+
+def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
+    """A rerun into ``out`` resumes only with the same settings; otherwise refuse, naming what
+    differs (or clear it with ``overwrite``)."""
+    path = out / "settings.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if old == json.loads(json.dumps(settings)):
+        return
+    if overwrite:
+        shutil.rmtree(out)
+        return
+    diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+    if "budget" in diff:
+        ob, nb = old.get("budget", {}), settings["budget"]
+        diff += [f"budget.{k}: {ob.get(k)} → {nb[k]}" for k in nb if ob.get(k) != nb[k]]
+    raise SystemExit(
+        f"{out} holds a comparison with other settings ({', '.join(diff)}); use another --out "
+        "or --overwrite to discard it"
+    )
+
+
+def plan(
+    out: Path, seeds: list[int], budget: Budget, threads: int, names: list[str] | None = None
+) -> list[Job]:
+    """Every job of the comparison, in the order they should start when ready."""
+    from snpo.demo import ASSETS, write_config
+
+    base = str(ASSETS / "base")
+    data = str(ASSETS / "pairs_train.parquet")
+    b = asdict(budget)
+    names = run_names(names)
+    jobs = [Job("rewards base", job_rewards, dict(base=base, export=None, negative=None,
+                                                   out=str(out / "rewards" / "base.json"),
+                                                   budget=b))]  # fmt: skip
+    for seed in seeds:
+        runs, cache = out / "runs", out / f"cache-s{seed}"
+        runs.mkdir(parents=True, exist_ok=True)
+        common = {"report_to": "none", "progress_bar": False}
+        cache_cfg = write_config(
+            runs / f"cache-s{seed}.yaml", model=base, data=data, out=runs / f"cache-s{seed}",
+            steps=budget.steps, seed=seed, overrides={**RUNS["dpo"], **common},
+        )  # fmt: skip
+        jobs.append(
+            Job(
+                f"cache s{seed}",
+                job_cache,
+                dict(config=str(cache_cfg), cache=str(cache),
+                     log=str(runs / f"cache-s{seed}.log"), threads=threads),
+            )
+        )  # fmt: skip
+        exports = {}
+        for name in names:
+            run = runs / f"{name}-s{seed}"
+            overrides = RUNS[name]
+            cfg = write_config(
+                runs / f"{name}-s{seed}.yaml", model=base, data=data, out=run, steps=budget.steps,
+                seed=seed,
+                overrides={**overrides, **common, "ref_mode": "cache", "cache_dir": str(cache)},
+            )  # fmt: skip
+            exports[name] = str(run / "export")
+            jobs.append(
+                Job(
+                    f"train {name} s{seed}",
+                    job_train,
+                    dict(config=str(cfg), run=str(run), log=str(runs / f"{name}-s{seed}.log"),
+                         threads=threads),
+                    deps=(f"cache s{seed}",),
+                )
+            )  # fmt: skip
+        for name in names:
+            jobs.append(
+                Job(
+                    f"rewards {name} s{seed}",
+                    job_rewards,
+                    dict(base=base, export=exports[name], negative=None, budget=b,
+                         out=str(out / "rewards" / f"{name}-s{seed}.json")),
+                    deps=(f"train {name} s{seed}",),
+                )
+            )  # fmt: skip
+        models = dict(exports)
+        deps = tuple(f"train {n} s{seed}" for n in names)
+        if has_merge(names):
+            merged = str(runs / f"npo_merged-s{seed}")
+            jobs.append(
+                Job(
+                    f"merge s{seed}",
+                    job_merge,
+                    dict(base=base, positive=exports["dpo"], negative=exports["npo"], out=merged),
+                    deps=(f"train dpo s{seed}", f"train npo s{seed}"),
+                )
+            )
+            jobs.append(
+                Job(
+                    f"rewards {NPO_MERGED} s{seed}",
+                    job_rewards,
+                    dict(base=base, export=exports["dpo"], negative=merged, budget=b,
+                         out=str(out / "rewards" / f"{NPO_MERGED}-s{seed}.json")),
+                    deps=(f"merge s{seed}",),
+                )
+            )  # fmt: skip
+            models["npo_merged"] = merged
+            deps += (f"merge s{seed}",)
+        jobs.append(
+            Job(
+                f"preference s{seed}",
+                job_preference,
+                dict(base=base, models=models, pairs=str(ASSETS / "pairs_heldout.parquet"),
+                     out=str(out / "preference" / f"s{seed}"), max_pairs=budget.pref_pairs,
+                     timesteps=budget.pref_timesteps),
+                deps=deps,
+            )
+        )  # fmt: skip
+    return jobs
+
+
+def default_jobs() -> int:
+    """One single-threaded job per core on the CPU; two at a time on a GPU."""
+    import torch
+
+    return 2 if torch.cuda.is_available() else max(1, os.cpu_count() or 1)
+
+
+def compare(
+    out: str | Path,
+    *,
+    seeds: list[int],
+    budget: Budget,
+    jobs: int | None = None,
+    overwrite: bool = False,
+    runs: list[str] | None = None,
+) -> dict:
+    """Plan, run (resuming what is done) and report the comparison; returns results.json.
+    ``runs``: a subset of RUNS (default all; the merge row needs dpo and npo)."""
+    out = Path(out)
+    names = run_names(runs)
+    settings = _settings(seeds, budget, names)
+    check_settings(out, settings, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "settings.json", settings)
+    workers = jobs or default_jobs()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    job_list = plan(out, seeds, budget, threads, names)
+    t0 = time.perf_counter()
+    _log(
+        f"{len(job_list)} jobs ({len(names)} runs × {len(seeds)} seeds of {budget.steps} steps, "
+        f"caches, merges, evaluations) on {workers} process(es) × {threads} thread(s); "
+        f"outputs in {out.resolve()}"
+    )
+
+    def on_event(kind: str, job: Job, secs: float, done: int, total: int) -> None:
+        wall = time.perf_counter() - t0
+        if kind == "done":
+            _log(f"{done}/{total} done at {wall:.0f} s: {job.key} ({secs:.0f} s)")
+
+    done = run_jobs(job_list, workers=workers, on_event=on_event, initializer=init_worker,
+                    initargs=(threads,))  # fmt: skip
+    ran = sum(not r["skipped"] for r in done.values())
+    invocations = record_invocation(
+        out,
+        {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "jobs_run": ran,
+            "jobs_skipped": len(done) - ran,
+            "machine": machine_name(),
+            "processes": workers,
+            "threads": threads,
+        },
+    )
+    results = collect(out, seeds, budget, names)
+    results["invocations"] = invocations
+    _write_json(out / "results.json", results)
+    (out / "results.md").write_text(results_table(results))
+    plot_curves(results, out / "curves.png")
+    write_grid(out, seeds[0], budget, out / "grid.png", names)
+    return results
+
+
+def record_invocation(out: Path, entry: dict) -> list[dict]:
+    """Append this invocation's wall time and job counts to ``out/invocations.json`` (so that
+    a resumed comparison reports the time of every part, not only of the last)."""
+    path = out / "invocations.json"
+    log = json.loads(path.read_text()) if path.is_file() else []
+    log.append(entry)
+    _write_json(path, log)
+    return log
+
+
+def wall_time(results: dict) -> str:
+    """The wall time of the invocations that ran jobs, with the machine and processes."""
+    parts = [i for i in results.get("invocations", []) if i["jobs_run"]]
+    if not parts:
+        return "no jobs run"
+    total = sum(i["seconds"] for i in parts)
+    where = "; ".join(
+        f"{i['jobs_run']} jobs in {i['seconds']:.0f} s on {i['machine']}, "
+        f"{i['processes']} process(es) × {i['threads']} thread(s)"
+        for i in parts
+    )
+    return f"{total:.0f} s of wall time ({where})"
+
+
+def machine_name() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    return f"{cpu} CPU, {os.cpu_count()} cores"
+
+
+# ----------------------------------------------------------------------------- report
 
 
 def _curves(run: Path) -> list[dict]:
@@ -53,179 +454,175 @@ def _curves(run: Path) -> list[dict]:
     return [{k: r.get(k) for k in keep} for r in rows]
 
 
-def _merge(base: str, positive: Path, negative: Path, out: Path) -> Path:
-    from snpo.merge import main as merge_main
-
-    merge_main(
-        [
-            "--reference",
-            base,
-            "--positive",
-            str(positive),
-            "--negative",
-            str(negative),
-            "--out",
-            str(out),
-        ]
-    )
-    return out
-
-
-def compare(out: str | Path, *, seeds: list[int], steps: int, quick: bool = False) -> dict:
-    """Train, merge and evaluate every run of RUNS for every seed; write the report."""
-    from snpo.demo import ASSETS, eval_prompts, preference_eval, world_rewards
-    from snpo.export import load_export
-    from snpo.models import load_model
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = str(ASSETS / "base")
-    n_train, n_held, n_seeds = (2, 2, 1) if quick else (16, 16, 2)
-    sample_steps = 5 if quick else 20
-    max_pairs, timesteps = (16, 1) if quick else (None, 4)
-    scales = (3.0,) if quick else SCALES
-    prompts = eval_prompts(n_train, n_held)
-    t0 = time.perf_counter()
-    results: dict = {
-        "settings": {
-            "seeds": seeds,
-            "steps": steps,
-            "scales": list(scales),
-            "prompts": len(prompts),
-            "eval_seeds": n_seeds,
-            "sample_steps": sample_steps,
-            "runs": RUNS,
-        },
-        "runs": {},
-    }
-    base_model = load_model(base)
-    r = world_rewards(base_model, prompts, n_seeds, scales, sample_steps)
-    r.pop("images")
-    results["base"] = r
+def collect(out: Path, seeds: list[int], budget: Budget, names: list[str]) -> dict:
+    """results.json from the jobs' files: base rewards, and per run and seed the rewards, the
+    preference evaluation and the training curves."""
+    results: dict = {"settings": _settings(seeds, budget, names), "runs": {}}
+    results["base"] = json.loads((out / "rewards" / "base.json").read_text())
     for seed in seeds:
-        exports = {}
-        for name in RUNS:
-            print(f"[compare] {name} seed {seed} ({time.perf_counter() - t0:.0f} s)", flush=True)
-            run = _train(name, seed, steps, out)
-            exports[name] = run / "export"
+        pref = json.loads((out / "preference" / f"s{seed}" / "preference.json").read_text())
+        pref = pref["models"]
+        for name in [*names, *([NPO_MERGED] if has_merge(names) else [])]:
             entry = results["runs"].setdefault(name, {"seeds": {}})
-            model, _ = load_export(exports[name])
-            rew = world_rewards(model, prompts, n_seeds, scales, sample_steps)
-            rew.pop("images")
-            entry["seeds"][str(seed)] = {"rewards": rew, "curves": _curves(run)}
-        # Diffusion-NPO: the merged negative model as the null branch of the DPO model
-        merged = _merge(base, exports["dpo"], exports["npo"], out / f"npo_merged-s{seed}")
-        pos, _ = load_export(exports["dpo"])
-        neg, _ = load_export(merged)
-        rew = world_rewards(pos, prompts, n_seeds, scales, sample_steps, negative_unet=neg.unet)
-        rew.pop("images")
-        results["runs"].setdefault("npo+merge (dpo ⊕ merged neg.)", {"seeds": {}})["seeds"][
-            str(seed)
-        ] = {"rewards": rew}
-        models = {name: str(path) for name, path in exports.items()}
-        pref = preference_eval(
-            base,
-            models,
-            str(ASSETS / "pairs_heldout.parquet"),
-            out / f"eval-s{seed}",
-            max_pairs,
-            timesteps,
-        )
-        for name, p in pref.items():
-            results["runs"][name]["seeds"][str(seed)]["preference"] = p
-        # the merged negative model's own negative-branch accuracy (the papers' measure)
-        pm = preference_eval(
-            base,
-            {"npo_merged": str(merged), "npo_unmerged": str(exports["npo"])},
-            str(ASSETS / "pairs_heldout.parquet"),
-            out / f"eval-npo-s{seed}",
-            max_pairs,
-            timesteps,
-        )
-        results["runs"]["npo+merge (dpo ⊕ merged neg.)"]["seeds"][str(seed)]["preference"] = pm[
-            "npo_merged"
-        ]
-    results["seconds"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(results_table(results))
-    plot_curves(results, out / "curves.png")
+            rew = json.loads((out / "rewards" / f"{name}-s{seed}.json").read_text())
+            s: dict = {"rewards": rew}
+            if name in RUNS:
+                s["curves"] = _curves(out / "runs" / f"{name}-s{seed}")
+                s["preference"] = pref[name]
+            else:  # the merged negative model's own accuracy (the papers' measure)
+                s["preference"] = pref["npo_merged"]
+            entry["seeds"][str(seed)] = s
     return results
 
 
-def _ms(values: list[float]) -> str:
+def _ms(values: list[float], digits: int = 3) -> str:
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def results_table(results: dict) -> str:
-    """Markdown: reward under CFG (train / held-out prompts) per scale, implicit accuracy of
-    both branches on held-out pairs, final winner log-likelihood proxy; mean ± std over seeds."""
-    scales = results["settings"]["scales"]
-    head = ["run"] + [f"reward CFG {g:g} train" for g in scales]
-    head += [f"reward CFG {g:g} held-out" for g in scales]
-    head += ["acc. cond. (normal)", "acc. null (reversed)", "winner log-lik. proxy"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """Markdown, mean ± std over seeds: (1) reward under CFG per scale for training / held-out
+    prompts; (2) at the largest scale the sharpness component and the share of good images,
+    implicit accuracy of both branches on held-out pairs, the winner log-likelihood proxy."""
+    st = results["settings"]
+    b = st["budget"]
+    scales = b["scales"]
+    top = f"{max(scales):g}"
+    lines = [
+        f"Small world comparison: {b['steps']} steps per run, "
+        f"seeds {st['seeds']}; rewards of {b['eval_train']} training + {b['eval_heldout']} "
+        f"held-out prompts × {b['eval_seeds']} noise seed(s), DDIM {b['sample_steps']}; "
+        f"accuracy on {b['pref_pairs'] or 'all'} held-out pairs × {b['pref_timesteps']} "
+        f"timestep(s). {wall_time(results)}.",
+        "",
+        "| run | " + " | ".join(f"reward CFG {g:g} (train / held-out)" for g in scales) + " |",
+        "|---|" + "---|" * len(scales),
+    ]
     base = results["base"]["scales"]
     lines.append(
         "| base | "
         + " | ".join(
-            [f"{base[f'{g:g}']['train']['reward']:.3f}" for g in scales]
-            + [f"{base[f'{g:g}']['heldout']['reward']:.3f}" for g in scales]
-            + ["0.5 (ref.)", "0.5 (ref.)", "0 (ref.)"]
+            f"{base[f'{g:g}']['train']['reward']:.3f} / {base[f'{g:g}']['heldout']['reward']:.3f}"
+            for g in scales
         )
         + " |"
     )
-    for name, entry in results["runs"].items():
+    rows = list(results["runs"].items())
+    for name, entry in rows:
         seeds = list(entry["seeds"].values())
-        cells = [name]
-        for split in ("train", "heldout"):
-            for g in scales:
-                cells.append(
-                    _ms([s["rewards"]["scales"][f"{g:g}"][split]["reward"] for s in seeds])
-                )
-        for key in ("accuracy_pos", "accuracy_neg", "winner_logp_proxy"):
-            vals = [s["preference"][key]["value"] for s in seeds if "preference" in s]
-            cells.append(_ms(vals))
-        lines.append("| " + " | ".join(cells) + " |")
-    s = results["settings"]
-    return (
-        f"Small world comparison: {s['steps']} steps per run, seeds {s['seeds']}, "
-        f"{s['prompts']} prompts × {s['eval_seeds']} samples, {s['sample_steps']} DDIM steps; "
-        f"{results['seconds']:.0f} s in all.\n\n" + "\n".join(lines) + "\n"
+        cells = []
+        for g in scales:
+            r = [s["rewards"]["scales"][f"{g:g}"] for s in seeds]
+            cells.append(
+                f"{_ms([x['train']['reward'] for x in r])} / "
+                f"{_ms([x['heldout']['reward'] for x in r])}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"| run | sharpness CFG {top} | good CFG {top} | acc. cond. branch (normal labels) | "
+        "acc. null branch (reversed labels) | winner log-lik. proxy −m_w |",
+        "|---|---|---|---|---|---|",
+        f"| base | {base[top]['all']['sharpness']:.3f} | {base[top]['all']['good']:.3f} | "
+        "0.5 (ref.) | 0.5 (ref.) | 0 (ref.) |",
+    ]
+    for name, entry in rows:
+        seeds = list(entry["seeds"].values())
+        cells = [
+            _ms([s["rewards"]["scales"][top]["all"]["sharpness"] for s in seeds]),
+            _ms([s["rewards"]["scales"][top]["all"]["good"] for s in seeds]),
+        ]
+        for key in ("accuracy_pos", "accuracy_neg"):
+            cells.append(_ms([s["preference"][key]["value"] for s in seeds]))
+        cells.append(
+            _ms([1e3 * s["preference"]["winner_logp_proxy"]["value"] for s in seeds], 2) + " e-3"
+        )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Accuracy and −m_w: `snpo eval` on held-out pairs, unweighted (the ELBO run too). "
+        f"`{NPO_MERGED}`: the dpo run sampled with the Diffusion-NPO merge (α = β = 1) of the "
+        "npo run as CFG's null branch; its accuracy columns are the merged negative model's."
     )
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(results: dict, path: Path) -> Path:
+    """Training curves (mean over seeds, running mean over ~5 % of training): winner
+    log-likelihood proxy, accuracy of the conditional and of the null-prompt branch."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = ("logp_proxy", "accuracy_cond", "accuracy_uncond")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, entry in results["runs"].items():
         curves = [s["curves"] for s in entry["seeds"].values() if "curves" in s]
         if not curves:
             continue
+        n = min(len(c) for c in curves)
+        steps = [r["step"] for r in curves[0][:n]]
         for ax, key in zip(axes, keys):
-            steps = [r["step"] for r in curves[0]]
-            vals = [
-                statistics.mean(c[i][key] for c in curves if c[i][key] is not None)
-                if any(c[i][key] is not None for c in curves)
-                else float("nan")
-                for i in range(len(steps))
-            ]
-            w = max(1, len(vals) // 20)  # running mean over ~5% of training
-            smooth = [statistics.mean(vals[max(0, i - w + 1) : i + 1]) for i in range(len(vals))]
+            vals = []
+            for i in range(n):
+                xs = [c[i][key] for c in curves if c[i][key] is not None]
+                vals.append(statistics.mean(xs) if xs else math.nan)
+            w = max(1, n // 20)
+            smooth = []
+            for i in range(n):
+                xs = [v for v in vals[max(0, i - w + 1) : i + 1] if not math.isnan(v)]
+                smooth.append(statistics.mean(xs) if xs else math.nan)
             ax.plot(steps, smooth, label=name)
+    titles = {
+        "logp_proxy": "winner log-lik. proxy −m_w (batch; snpo_elbo: × T·ω(t))",
+        "accuracy_cond": "implicit accuracy, conditional branch",
+        "accuracy_uncond": "implicit accuracy, null branch (its labels)",
+    }
     for ax, key in zip(axes, keys):
-        ax.set_title(key)
+        ax.set_title(titles[key])
         ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def write_grid(
+    out: Path, seed: int, budget: Budget, path: Path, names: list[str], rows: int = 8
+) -> Path:
+    """Samples of the first ``rows`` evaluation images at the largest scale: base and every run
+    of ``seed`` side by side (same prompts, same noise)."""
+    from safetensors.torch import load_file
+
+    from snpo.demo import eval_prompts
+    from snpo.images import contact_sheet
+
+    key = f"{max(budget.scales):g}"
+    names = ["base", *names, *([NPO_MERGED] if has_merge(names) else [])]
+    files = {"base": out / "rewards" / "base.json"}
+    files.update({n: out / "rewards" / f"{n}-s{seed}.json" for n in names[1:]})
+    images = {n: load_file(samples_path(f))[key] for n, f in files.items()}
+    prompts = [p for p in eval_prompts(budget.eval_train, budget.eval_heldout)]
+    labels = [
+        f"{p.text}{' (held out)' if p.heldout else ''}"
+        for p in prompts
+        for _ in range(budget.eval_seeds)
+    ]
+    rows = min(rows, len(labels))
+    picks = list(range(rows // 2)) + list(range(len(labels) - (rows - rows // 2), len(labels)))
+    sheet = contact_sheet(
+        [[images[n][i] for n in names] for i in picks],
+        col_labels=names,
+        row_labels=[labels[i] for i in picks],
+        title=f"CFG {key}, seed {seed}: every objective on the same prompts and noise",
+        tile_size=48,
+    )
+    sheet.save(path)
     return path
