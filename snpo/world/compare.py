@@ -541,12 +541,14 @@ def results_table(results: dict) -> str:
             _ms([1e3 * s["preference"]["winner_logp_proxy"]["value"] for s in seeds], 2) + " e-3"
         )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        "Accuracy and −m_w: `snpo eval` on held-out pairs, unweighted (the ELBO run too). "
-        f"`{NPO_MERGED}`: the dpo run sampled with the Diffusion-NPO merge (α = β = 1) of the "
-        "npo run as CFG's null branch; its accuracy columns are the merged negative model's."
-    )
+    note = "Accuracy and −m_w: `snpo eval` on held-out pairs, unweighted (the ELBO run too)."
+    if NPO_MERGED in results["runs"]:
+        note += (
+            f" `{NPO_MERGED}`: the dpo run sampled with the Diffusion-NPO merge (α = β = 1) of "
+            "the npo run as CFG's null branch; its accuracy columns are the merged negative "
+            "model's."
+        )
+    lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
