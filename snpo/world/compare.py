@@ -163,8 +163,7 @@ def job_rewards(
     summary JSON and the images (safetensors, one (N, 3, 16, 16) tensor per scale)."""
     from safetensors.torch import save_file
 
-    from snpo.demo import eval_prompts
-    from snpo.world.evaluate import evaluate_model
+    from snpo.demo import eval_prompts, world_rewards
 
     out_path = Path(out)
     if out_path.is_file():
@@ -172,16 +171,8 @@ def job_rewards(
     b = Budget(**{**budget, "scales": tuple(budget["scales"])})
     model = _load(base, export)
     neg = None if negative is None else _load(base, negative).unet
-    res = evaluate_model(
-        model,
-        prompts=eval_prompts(b.eval_train, b.eval_heldout),
-        guidance_scales=b.scales,
-        n_seeds=b.eval_seeds,
-        steps=b.sample_steps,
-        negative_unet=neg,
-        progress=False,
-        return_images=True,
-    )
+    prompts = eval_prompts(b.eval_train, b.eval_heldout)
+    res = world_rewards(model, prompts, b.eval_seeds, b.scales, b.sample_steps, negative_unet=neg)
     images = res.pop("images")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({g: x.contiguous() for g, x in images.items()}, samples_path(out_path))
