@@ -208,6 +208,11 @@ def has_merge(names: list[str]) -> bool:
     return "dpo" in names and "npo" in names
 
 
+def report_rows(names: list[str]) -> list[str]:
+    """The report's rows: the runs, then the merged NPO sampling when it was run."""
+    return [*names, *([NPO_MERGED] if has_merge(names) else [])]
+
+
 def run_names(runs: list[str] | None) -> list[str]:
     """The runs asked for, in RUNS' order (all by default); unknown names are refused."""
     if not runs:
@@ -272,11 +277,10 @@ def plan(
         exports = {}
         for name in names:
             run = runs / f"{name}-s{seed}"
-            overrides = RUNS[name]
             cfg = write_config(
                 runs / f"{name}-s{seed}.yaml", model=base, data=data, out=run, steps=budget.steps,
                 seed=seed,
-                overrides={**overrides, **common, "ref_mode": "cache", "cache_dir": str(cache)},
+                overrides={**RUNS[name], **common, "ref_mode": "cache", "cache_dir": str(cache)},
             )  # fmt: skip
             exports[name] = str(run / "export")
             jobs.append(
@@ -453,7 +457,7 @@ def collect(out: Path, seeds: list[int], budget: Budget, names: list[str]) -> di
     for seed in seeds:
         pref = json.loads((out / "preference" / f"s{seed}" / "preference.json").read_text())
         pref = pref["models"]
-        for name in [*names, *([NPO_MERGED] if has_merge(names) else [])]:
+        for name in report_rows(names):
             entry = results["runs"].setdefault(name, {"seeds": {}})
             rew = json.loads((out / "rewards" / f"{name}-s{seed}.json").read_text())
             s: dict = {"rewards": rew}
@@ -598,14 +602,13 @@ def write_grid(
     from snpo.images import contact_sheet
 
     key = f"{max(budget.scales):g}"
-    names = ["base", *names, *([NPO_MERGED] if has_merge(names) else [])]
+    names = ["base", *report_rows(names)]
     files = {"base": out / "rewards" / "base.json"}
     files.update({n: out / "rewards" / f"{n}-s{seed}.json" for n in names[1:]})
     images = {n: load_file(samples_path(f))[key] for n, f in files.items()}
-    prompts = [p for p in eval_prompts(budget.eval_train, budget.eval_heldout)]
     labels = [
         f"{p.text}{' (held out)' if p.heldout else ''}"
-        for p in prompts
+        for p in eval_prompts(budget.eval_train, budget.eval_heldout)
         for _ in range(budget.eval_seeds)
     ]
     rows = min(rows, len(labels))

@@ -44,8 +44,9 @@ class JobError(RuntimeError):
 
 
 def check_jobs(jobs: Iterable[Job]) -> list[Job]:
-    """The jobs as a list, after checking that keys are unique, every dependency exists and
-    there is no cycle (ValueError naming the problem otherwise)."""
+    """The jobs in an order that runs every dependency first, keeping the given order where it
+    allows, after checking that keys are unique, every dependency exists and there is no cycle
+    (ValueError naming the problem otherwise)."""
     jobs = list(jobs)
     keys: dict[str, Job] = {}
     for j in jobs:
@@ -56,22 +57,26 @@ def check_jobs(jobs: Iterable[Job]) -> list[Job]:
         for d in j.deps:
             if d not in keys:
                 raise ValueError(f"job {j.key!r} depends on {d!r}, which is not a job")
-    done: set[str] = set()
+    order: list[Job] = []
+    placed: set[str] = set()
     pending = list(jobs)
     while pending:
-        ready = [j for j in pending if all(d in done for d in j.deps)]
-        if not ready:
+        job = next((j for j in pending if all(d in placed for d in j.deps)), None)
+        if job is None:
             raise ValueError(f"the jobs {sorted(j.key for j in pending)} depend on each other")
-        done.update(j.key for j in ready)
-        pending = [j for j in pending if j.key not in done]
-    return jobs
+        order.append(job)
+        placed.add(job.key)
+        pending.remove(job)
+    return order
 
 
-def _call(fn: Callable[..., Any], kwargs: dict) -> Any:
+def _call(key: str, fn: Callable[..., Any], kwargs: dict) -> Any:
+    """``fn(**kwargs)``; anything it raises (SystemExit included) becomes a JobError naming
+    ``key`` with the traceback as text, which crosses a process boundary intact."""
     try:
         return fn(**kwargs)
-    except BaseException as err:  # the traceback text crosses the process boundary intact
-        raise JobError("?", traceback.format_exc()) from err
+    except BaseException as err:
+        raise JobError(key, traceback.format_exc()) from err
 
 
 def run_jobs(
@@ -100,22 +105,10 @@ def run_jobs(
     if workers <= 1:
         if initializer is not None:
             initializer(*initargs)
-        # the given order, each job moved after its dependencies (check_jobs proved it exists)
-        order: list[Job] = []
-        placed: set[str] = set()
-        while len(order) < total:
-            for job in jobs:
-                if job.key not in placed and all(d in placed for d in job.deps):
-                    order.append(job)
-                    placed.add(job.key)
-                    break
-        for job in order:
+        for job in jobs:
             started[job.key] = time.perf_counter()
             event("start", job)
-            try:
-                results[job.key] = job.fn(**job.kwargs)
-            except Exception as err:
-                raise JobError(job.key, traceback.format_exc()) from err
+            results[job.key] = _call(job.key, job.fn, job.kwargs)
             event("done", job)
         return results
 
@@ -137,7 +130,7 @@ def run_jobs(
                         break
                     pending.remove(job)
                     started[job.key] = time.perf_counter()
-                    running[pool.submit(_call, job.fn, job.kwargs)] = job
+                    running[pool.submit(_call, job.key, job.fn, job.kwargs)] = job
                     event("start", job)
             if not running:
                 break
@@ -148,9 +141,8 @@ def run_jobs(
                 if err is None:
                     results[job.key] = fut.result()
                     event("done", job)
-                elif failure is None:
-                    detail = str(err).split("\n", 1)[-1] if isinstance(err, JobError) else repr(err)
-                    failure = JobError(job.key, detail)
+                elif failure is None:  # a JobError, or the pool's own (a worker died)
+                    failure = err if isinstance(err, JobError) else JobError(job.key, repr(err))
     if failure is not None:
         raise failure
     return results
