@@ -230,7 +230,8 @@ def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    if old == json.loads(json.dumps(settings)):
+    settings = json.loads(json.dumps(settings))  # as stored: tuples are lists
+    if old == settings:
         return
     if overwrite:
         shutil.rmtree(out)

@@ -12,13 +12,14 @@ from snpo.world.compare import BUDGETS, NPO_MERGED, RUNS, check_settings, compar
 
 
 def test_other_settings_are_refused_naming_the_field(tmp_path):
-    settings = {"seeds": [0], "budget": {"steps": 4, "eval_seeds": 1}}
+    settings = {"seeds": [0], "budget": {"steps": 4, "scales": [3.0]}}
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     (tmp_path / "keep.txt").write_text("results")
     check_settings(tmp_path, settings, overwrite=False)  # same settings: resume
-    other = {"seeds": [0], "budget": {"steps": 300, "eval_seeds": 1}}
-    with pytest.raises(SystemExit, match=r"budget.steps: 4 → 300"):
+    other = {"seeds": [0], "budget": {"steps": 300, "scales": (3.0,)}}  # a tuple, as Budget has
+    with pytest.raises(SystemExit, match=r"budget.steps: 4 → 300\)") as err:
         check_settings(tmp_path, other, overwrite=False)
+    assert "scales" not in str(err.value)  # equal once stored, so not named
     assert (tmp_path / "keep.txt").exists()  # nothing lost by a refusal
     check_settings(tmp_path, other, overwrite=True)
     assert not tmp_path.exists()
