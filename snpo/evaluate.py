@@ -603,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--aesthetic-head", help="LAION aesthetic head (.pth or .safetensors)")
     r.add_argument("--aesthetic-clip", help="CLIP ViT-L/14 for it (openai/clip-vit-large-patch14)")
     r.add_argument("--reward-batch-size", type=int, default=16)
+    r.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle an --hps-checkpoint / --aesthetic-head .pt in full when it holds more "
+        "than tensors (runs code from the file: only for files you trust; off by default, "
+        "when such a file is refused; a .safetensors copy needs no trust)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -695,6 +702,7 @@ def run_rewards(args, out: Path) -> dict:
             "imagereward_med_config",
             "aesthetic_head",
             "aesthetic_clip",
+            "trust_pickle",
         )
     }
     scorers = build_scorers(metrics, opts, device=device)  # fail early, before sampling

@@ -3,19 +3,23 @@
 | metric | what it is | needs | reported as |
 | --- | --- | --- | --- |
 | PickScore | CLIP-H fine-tuned on Pick-a-Pic | transformers; ``--pickscore-model`` (default ``yuvalkirstain/PickScore_v1``) and ``--pickscore-processor`` (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``) | logit_scale·cos(image, text) (≈ 20–23 for SD1.5/SDXL) |
-| HPSv2 | open_clip ViT-H-14 fine-tuned on HPD v2 | ``pip install hpsv2`` (or ``open_clip_torch``) and ``--hps-checkpoint`` (``HPS_v2.1_compressed.pt``) | 100·cos(image, text) (≈ 26–28) |
+| HPSv2 | open_clip ViT-H-14 fine-tuned on HPD v2 | ``pip install hpsv2`` (or ``open_clip_torch``) and ``--hps-checkpoint`` (``HPS_v2.1_compressed.pt`` or a ``.safetensors`` copy) | 100·cos(image, text) (≈ 26–28) |
 | ImageReward | BLIP-based reward model | ``pip install image-reward``, ``--imagereward-checkpoint`` (``ImageReward.pt``) and ``--imagereward-med-config`` (``med_config.json``); BLIP also loads the ``bert-base-uncased`` tokenizer from the HF cache | the model's score (≈ 0.1–1) |
 | Aesthetic | LAION aesthetic predictor: a head on the L2-normalised CLIP ViT-L/14 image embedding | transformers; ``--aesthetic-head`` (``sac+logos+ava1-l14-linearMSE.pth``, or the linear v1 head) and ``--aesthetic-clip`` (default ``openai/clip-vit-large-patch14``) | the head's output (≈ 5–6) |
 
 Every scorer has ``score(images: list[PIL.Image], prompts: list[str]) -> list[float]``. A missing
 package or weight file raises :class:`RewardError` naming what to install or pass. Nothing is
 downloaded unless a hub id is given and the hub is reachable (check what you load offline:
-``HF_HUB_OFFLINE=1`` can yield a placeholder tokenizer, which is refused here).
+``HF_HUB_OFFLINE=1`` can yield a placeholder tokenizer, which is refused here). Torch
+checkpoints are read with ``weights_only=True``; one that pickles anything else is refused
+unless ``--trust-pickle`` is given (see :func:`load_weights`).
 """
 
 from __future__ import annotations
 
+import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -142,18 +146,61 @@ def aesthetic_head(state: dict[str, torch.Tensor]) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers).eval().requires_grad_(False)
 
 
-def _load_state(path: str) -> dict[str, torch.Tensor]:
+def _unpickle_reason(err: Exception) -> str:
+    """The line of torch's weights-only error that names what was refused."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if "WeightsUnpickler error" in ln or "Unsupported global" in ln:
+            return ln.split("Please use")[0].strip()
+    return lines[0] if lines else type(err).__name__
+
+
+def load_weights(path: str, what: str, *, trust_pickle: bool = False):
+    """Tensors (or plain containers of them) from a ``.safetensors`` file or a torch ``.pt``.
+
+    A ``.pt`` is read with ``torch.load(weights_only=True)``: only tensors, numbers, strings and
+    plain containers, no code. That covers the published checkpoints (HPS v2/v2.1: an open_clip
+    training checkpoint ``{"state_dict": OrderedDict[str, Tensor], "epoch": int, "name": str}``;
+    the LAION aesthetic heads: a state dict), so no extra type is allow-listed. A file that
+    needs anything else is refused (:class:`RewardError` naming ``--trust-pickle``) unless
+    ``trust_pickle`` is set: then it is unpickled in full, which runs whatever code it holds.
+    """
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except Exception as err:  # noqa: BLE001 - safetensors raises several kinds
+            raise RewardError(f"{what}: cannot read {path}: {err}") from err
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise RewardError(
+                f"{what}: {path} holds pickled objects besides tensors and plain containers, "
+                "and unpickling them could run code from the file; it was not loaded. Convert it "
+                "once to .safetensors (or a plain state dict), or pass --trust-pickle if you "
+                f"trust where it came from ({_unpickle_reason(err)})"
+            ) from err
+        detail = err
+    except Exception as err:  # noqa: BLE001 - a corrupt file raises several kinds
+        raise RewardError(f"{what}: cannot read {path}: {err}") from err
+    warnings.warn(
+        f"{what}: unpickling {path} in full (--trust-pickle): {_unpickle_reason(detail)}",
+        stacklevel=2,
+    )
+    return torch.load(str(p), map_location="cpu", weights_only=False)
+
+
+def _load_state(path: str, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise RewardError(
             f"aesthetic head {path!r} not found: pass --aesthetic-head PATH (the LAION predictor "
             "sac+logos+ava1-l14-linearMSE.pth, or a .safetensors copy)"
         )
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    state = torch.load(str(p), map_location="cpu", weights_only=True)
+    state = load_weights(path, "aesthetic head", trust_pickle=trust_pickle)
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
@@ -169,6 +216,7 @@ class Aesthetic:
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        trust_pickle: bool = False,
     ) -> None:
         if head is None:
             raise RewardError(
@@ -176,7 +224,7 @@ class Aesthetic:
                 "(sac+logos+ava1-l14-linearMSE.pth) and a CLIP ViT-L/14 (--aesthetic-clip)"
             )
         self.device = device
-        self.head = aesthetic_head(_load_state(head)).to(device)
+        self.head = aesthetic_head(_load_state(head, trust_pickle=trust_pickle)).to(device)
         self.clip, self.proc = _load_clip(clip, None, device, dtype, "Aesthetic")
         dim = self.clip.config.projection_dim
         if self.head[0].in_features != dim:
@@ -214,7 +262,16 @@ class HPSv2:
 
     name = "hpsv2"
 
-    def __init__(self, checkpoint: str | None, *, arch: str = HPS_ARCH, device: str = "cpu"):
+    def __init__(
+        self,
+        checkpoint: str | None,
+        *,
+        arch: str = HPS_ARCH,
+        device: str = "cpu",
+        trust_pickle: bool = False,
+    ) -> None:
+        """``checkpoint``: ``.pt`` (read with ``weights_only=True``; see :func:`load_weights`) or
+        ``.safetensors``; ``trust_pickle`` allows a full unpickle (runs the file's code)."""
         oc = _open_clip()
         if checkpoint is None or not Path(checkpoint).is_file():
             raise RewardError(
@@ -222,10 +279,7 @@ class HPSv2:
                 f"HPS_v2_compressed.pt){'' if checkpoint is None else f'; {checkpoint} not found'}"
             )
         model, _, preprocess = oc.create_model_and_transforms(arch, pretrained=None, device="cpu")
-        try:
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - older checkpoints pickle more than tensors
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        ckpt = load_weights(checkpoint, "HPSv2", trust_pickle=trust_pickle)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
         try:
             model.load_state_dict(state)
@@ -280,10 +334,12 @@ class ImageRewardScorer:
 
 
 def build_scorers(names: list[str], opts: dict, *, device: str = "cpu") -> dict:
-    """Scorers for ``names`` (subset of METRICS) from ``opts`` (the CLI's reward options)."""
+    """Scorers for ``names`` (subset of METRICS) from ``opts`` (the CLI's reward options;
+    ``trust_pickle``: allow a full unpickle of the HPSv2 checkpoint / aesthetic head)."""
     bad = [n for n in names if n not in METRICS]
     if bad:
         raise RewardError(f"unknown reward(s) {bad}; choose from {', '.join(METRICS)}")
+    trust = bool(opts.get("trust_pickle", False))
     out = {}
     for n in names:
         if n == "pickscore":
@@ -299,9 +355,10 @@ def build_scorers(names: list[str], opts: dict, *, device: str = "cpu") -> dict:
                 opts.get("aesthetic_head"),
                 opts.get("aesthetic_clip") or AESTHETIC_CLIP,
                 device=device,
+                trust_pickle=trust,
             )
         elif n == "hpsv2":
-            out[n] = HPSv2(opts.get("hps_checkpoint"), device=device)
+            out[n] = HPSv2(opts.get("hps_checkpoint"), device=device, trust_pickle=trust)
         else:
             out[n] = ImageRewardScorer(
                 opts.get("imagereward_checkpoint"),

@@ -210,3 +210,82 @@ def test_eval_rewards_cli_mean_over_seeds(pix_model, tiny_clip, tmp_path, capsys
         ["eval", "--rewards", "hpsv2", "--images", str(out / "samples"), "--out", str(out)]
     )
     assert rc == 2 and "--hps-checkpoint" in capsys.readouterr().err
+
+
+class _WritesMarker:
+    """Unpickling this runs ``open(marker, "w")``: it creates the marker file (code execution)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def stub_open_clip(monkeypatch):
+    stub = types.ModuleType("open_clip")
+    stub.create_model_and_transforms = lambda arch, pretrained=None, device="cpu": (
+        _StubClip(),
+        None,
+        _stub_preprocess,
+    )
+    stub.get_tokenizer = lambda arch: _stub_tokenize
+    monkeypatch.setitem(sys.modules, "open_clip", stub)
+    torch.manual_seed(0)
+    return _StubClip()
+
+
+def test_hpsv2_refuses_a_pickle_payload_unless_trusted(stub_open_clip, tmp_path, capsys):
+    ref = stub_open_clip
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": ref.state_dict(), "x": _WritesMarker(str(marker))}, evil)
+    with pytest.raises(RewardError, match=r"--trust-pickle") as info:
+        HPSv2(str(evil))
+    assert "evil.pt" in str(info.value) and not marker.exists()  # nothing ran
+    with pytest.raises(RewardError, match=r"--trust-pickle"):
+        build_scorers(["hpsv2"], {"hps_checkpoint": str(evil)})
+    assert not marker.exists()
+    rc = cli.main(
+        ["eval", "--rewards", "hpsv2", "--hps-checkpoint", str(evil), "--images", str(tmp_path)]
+        + ["--out", str(tmp_path / "ev")]
+    )
+    assert rc == 2 and "--trust-pickle" in capsys.readouterr().err and not marker.exists()
+    # trusted: unpickled in full (the payload runs, proving the refusal above mattered)
+    with pytest.warns(UserWarning, match="trust-pickle"):
+        hps = build_scorers(["hpsv2"], {"hps_checkpoint": str(evil), "trust_pickle": True})
+    assert marker.exists()
+    torch.testing.assert_close(hps["hpsv2"].model.img.weight, ref.img.weight)
+
+
+def test_hpsv2_upstream_layout_and_safetensors_load_safely(stub_open_clip, tmp_path):
+    from safetensors.torch import save_file
+
+    from snpo.evaluate import build_parser
+
+    ref = stub_open_clip
+    # open_clip's training checkpoint as HPS v2/v2.1 publish it (optimizer dropped)
+    torch.save({"epoch": 3, "name": "hps", "state_dict": ref.state_dict()}, tmp_path / "h.pt")
+    save_file(ref.state_dict(), tmp_path / "h.safetensors")
+    want = torch.tensor(HPSv2(str(tmp_path / "h.pt")).score(_images(), PROMPTS))
+    got = torch.tensor(HPSv2(str(tmp_path / "h.safetensors")).score(_images(), PROMPTS))
+    torch.testing.assert_close(got, want)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RewardError, match="cannot read"):
+        HPSv2(str(tmp_path / "bad.safetensors"))
+    args = ["--out", "o", "--rewards", "hpsv2"]
+    assert build_parser().parse_args(args).trust_pickle is False  # off by default
+    assert build_parser().parse_args(args + ["--trust-pickle"]).trust_pickle is True
+
+
+def test_aesthetic_head_pickle_payload_refused(tiny_clip, tmp_path):
+    marker = tmp_path / "pwned"
+    g = torch.Generator().manual_seed(2)
+    torch.save(
+        {"state_dict": _v2_head_state(16, g), "x": _WritesMarker(str(marker))}, tmp_path / "h.pth"
+    )
+    opts = {"aesthetic_head": str(tmp_path / "h.pth"), "aesthetic_clip": str(tiny_clip)}
+    with pytest.raises(RewardError, match="--trust-pickle"):
+        build_scorers(["aesthetic"], opts)
+    assert not marker.exists()
