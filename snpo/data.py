@@ -18,7 +18,15 @@ probability 1/2 — flips and random crops are drawn independently for winner an
 DiffusionDPO where each image goes through the random transform on its own. Grayscale, CMYK and
 palette images are converted to RGB. A corrupt or missing image (a truncated JPEG opens fine
 and fails only when decoded) makes the pair *bad*: counted and skipped with a warning
-(``on_bad_image: skip``) or an error naming the pair, row and file (``fail``).
+(``on_bad_image: skip``) or an error naming the pair, row and file (``fail``). So does an image
+whose header claims more than :data:`snpo.images.MAX_IMAGE_PIXELS` (64 MP) pixels: it is refused
+before decoding (decompression bombs).
+
+Image paths (own pairs' ``winner``/``loser``, and path-only images in parquet or dataset rows)
+resolve against the folder of the file that names them (a local dataset's folder) and must stay
+inside it after resolving symlinks; absolute paths, ``..`` escapes and paths in rows of a hub
+dataset are refused (:class:`PathOutsideError` naming the row and the path) unless
+``allow_outside_paths`` is set.
 """
 
 from __future__ import annotations
@@ -68,6 +76,81 @@ class BadImageError(DataError):
     pass
 
 
+class PathOutsideError(DataError):
+    """An image path that is absolute or leaves its folder (``allow_outside_paths: false``)."""
+
+
+class PathGuard:
+    """Resolves image paths named by one data file against ``root`` (its folder).
+
+    Unless ``allow_outside`` is set, a path must be relative (or, with ``absolute_ok``, absolute
+    but inside ``root``) and resolve inside ``root`` after following symlinks; anything else
+    raises :class:`PathOutsideError`. ``root=None`` (rows of a hub dataset) refuses every path.
+    Resolved folders are cached, so a million rows cost one ``lstat`` each.
+    """
+
+    def __init__(
+        self, root: Path | None, *, allow_outside: bool = False, absolute_ok: bool = False
+    ) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root) if root is not None else None
+        self.allow_outside = allow_outside
+        self.absolute_ok = absolute_ok
+        self._dirs: dict[str, str] = {}
+
+    def __call__(self, raw, where: str) -> Path:
+        """The path to open for ``raw`` (named at ``where``, e.g. "record 3 (f.jsonl:4)")."""
+        if not isinstance(raw, (str, os.PathLike)) or not str(raw).strip():
+            raise DataError(
+                f"train_data: {where}: an image path must be a non-empty string, got {raw!r}"
+            )
+        p = Path(raw)
+        if self.allow_outside:
+            return p if p.is_absolute() or self.root is None else self.root / p
+        hint = "; set allow_outside_paths: true to allow it"
+        if self.root is None:
+            raise PathOutsideError(
+                f"train_data: {where} names the local file {str(raw)!r} instead of holding the "
+                f"image bytes{hint}"
+            )
+        if p.is_absolute() and not self.absolute_ok:
+            raise PathOutsideError(
+                f"train_data: {where}: the image path {str(raw)!r} is absolute; paths must be "
+                f"relative to {self.root}{hint}"
+            )
+        real = self._realpath(self.root / p)
+        if os.path.commonpath([self.real_root, real]) != self.real_root:
+            raise PathOutsideError(
+                f"train_data: {where}: the image path {str(raw)!r} resolves to {real}, outside "
+                f"{self.real_root}{hint}"
+            )
+        return Path(real)
+
+    def _realpath(self, full: Path) -> str:
+        if full.name in ("", ".", ".."):
+            return os.path.realpath(full)
+        parent = str(full.parent)
+        d = self._dirs.get(parent)
+        if d is None:
+            d = self._dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(d, full.name)
+        return os.path.realpath(real) if os.path.islink(real) else real
+
+
+def row_image(value, guard: PathGuard, where: str):
+    """A parquet/dataset cell → what :func:`decode_image` takes: bytes, a PIL image, None, or a
+    path checked by ``guard`` (a plain string, or a ``{"bytes": None, "path": ...}`` struct)."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+        if value is None:
+            return None
+    if isinstance(value, (str, os.PathLike)):
+        return guard(value, where)
+    return value
+
+
 @dataclass
 class SourceStats:
     rows: int = 0
@@ -81,12 +164,17 @@ class SourceStats:
 class PickapicParquet:
     """Pick-a-Pic-style parquet files read lazily by row group."""
 
-    def __init__(self, files: list[str], max_pairs: int | None = None) -> None:
+    def __init__(
+        self, files: list[str], max_pairs: int | None = None, *, allow_outside_paths: bool = False
+    ) -> None:
         import pyarrow.parquet as pq
 
         if not files:
             raise DataError("train_data: no parquet files given")
         self.files = [str(f) for f in files]
+        self._guards = [  # only path-valued cells (not Pick-a-Pic's bytes) need these
+            PathGuard(Path(f).parent, allow_outside=allow_outside_paths) for f in self.files
+        ]
         self.stats = SourceStats()
         file_ids, rows, swaps = [], [], []
         self._rg_starts: list[list[int]] = []
@@ -161,7 +249,10 @@ class PickapicParquet:
         table = self._row_group(fid, rg)
         k = row - starts[rg]
         caption = table.column("caption")[k].as_py() or ""
-        a, b = table.column("jpg_0")[k].as_py(), table.column("jpg_1")[k].as_py()
+        a, b = (
+            row_image(table.column(c)[k].as_py(), self._guards[fid], f"{self.describe(i)} {c}")
+            for c in ("jpg_0", "jpg_1")
+        )
         if self.swap[i]:
             a, b = b, a
         return caption, a, b
@@ -170,10 +261,24 @@ class PickapicParquet:
 class HubPairs:
     """A Pick-a-Pic-schema dataset from the hub (or a local mirror) through ``datasets``."""
 
-    def __init__(self, name: str, split: str, max_pairs: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        max_pairs: int | None = None,
+        *,
+        allow_outside_paths: bool = False,
+    ) -> None:
         import datasets
 
         self.ds = datasets.load_dataset(name, split=split)
+        for col in ("jpg_0", "jpg_1"):  # undecoded: paths go through our check, not PIL
+            feat = self.ds.features.get(col)
+            if isinstance(feat, datasets.Image) and feat.decode:
+                self.ds = self.ds.cast_column(col, datasets.Image(decode=False))
+        # a local mirror's folder holds its images; rows of a hub dataset must carry bytes
+        root = Path(name) if os.path.isdir(name) else None
+        self._guard = PathGuard(root, allow_outside=allow_outside_paths, absolute_ok=True)
         label_0 = np.asarray(self.ds["label_0"], dtype=np.float64)
         keep = np.isin(label_0, (0.0, 1.0))
         self.stats = SourceStats(rows=len(label_0), ties_dropped=int((~keep).sum()))
@@ -190,7 +295,9 @@ class HubPairs:
 
     def get(self, i: int):
         row = self.ds[int(self.rows[i])]
-        a, b = row["jpg_0"], row["jpg_1"]
+        a, b = (
+            row_image(row[c], self._guard, f"{self.describe(i)} {c}") for c in ("jpg_0", "jpg_1")
+        )
         if self.swap[i]:
             a, b = b, a
         return row["caption"] or "", a, b
@@ -198,28 +305,43 @@ class HubPairs:
 
 class OwnPairs:
     """JSONL (one object a line) or CSV with columns winner, loser, prompt; image paths are
-    relative to the file's folder."""
+    relative to the file's folder and must stay inside it (:class:`PathGuard`) unless
+    ``allow_outside_paths``."""
 
-    def __init__(self, path: str, max_pairs: int | None = None) -> None:
+    def __init__(
+        self, path: str, max_pairs: int | None = None, *, allow_outside_paths: bool = False
+    ) -> None:
         self.path = Path(path)
-        root = self.path.parent
+        guard = PathGuard(self.path.parent, allow_outside=allow_outside_paths)
+        recs: list[tuple[int, dict]] = []  # (line number, record)
         if self.path.suffix.lower() == ".csv":
             with open(self.path, newline="") as fh:
-                recs = list(csv.DictReader(fh))
+                reader = csv.DictReader(fh)
+                recs = [(reader.line_num, r) for r in reader]
         else:
-            recs = []
             for n, line in enumerate(self.path.read_text().splitlines(), 1):
                 if line.strip():
                     try:
-                        recs.append(json.loads(line))
+                        recs.append((n, json.loads(line)))
                     except json.JSONDecodeError as err:
                         raise DataError(f"train_data: {path}:{n} is not valid JSON: {err}") from err
-        for n, r in enumerate(recs):
+        for n, (_, r) in enumerate(recs):
+            if not isinstance(r, dict):
+                raise DataError(f"train_data: record {n} of {path} is not an object")
             missing = {"winner", "loser", "prompt"} - set(r)
             if missing:
                 raise DataError(f"train_data: record {n} of {path} lacks {sorted(missing)}")
         recs = recs[:max_pairs]
-        self.records = [(r["prompt"] or "", root / r["winner"], root / r["loser"]) for r in recs]
+        self.records = []
+        for n, (line, r) in enumerate(recs):
+            where = f"record {n} ({path}:{line})"
+            self.records.append(
+                (
+                    r["prompt"] or "",
+                    guard(r["winner"], f"{where} winner"),
+                    guard(r["loser"], f"{where} loser"),
+                )
+            )
         self.stats = SourceStats(rows=len(recs), kept=len(recs))
 
     def __len__(self) -> int:
@@ -264,6 +386,7 @@ def open_source(cfg) -> ConcatSource:
 
     sources = []
     parquet: list[str] = []
+    allow = bool(getattr(cfg, "allow_outside_paths", False))
     for item in expand_data_files(cfg.train_data):
         fmt = cfg.data_format
         if fmt == "auto":
@@ -279,11 +402,11 @@ def open_source(cfg) -> ConcatSource:
         if fmt == "pickapic":
             parquet.append(item)
         elif fmt == "pairs":
-            sources.append(OwnPairs(item))
+            sources.append(OwnPairs(item, allow_outside_paths=allow))
         else:
-            sources.append(HubPairs(item, cfg.data_split))
+            sources.append(HubPairs(item, cfg.data_split, allow_outside_paths=allow))
     if parquet:
-        sources.insert(0, PickapicParquet(parquet))
+        sources.insert(0, PickapicParquet(parquet, allow_outside_paths=allow))
     src = ConcatSource(sources)
     if cfg.max_train_pairs is not None and len(src) > cfg.max_train_pairs:
         src.offsets = [min(o, cfg.max_train_pairs) for o in src.offsets]
@@ -295,24 +418,36 @@ def open_source(cfg) -> ConcatSource:
 
 # --------------------------------------------------------------------------------------------
 # decoding and transforms
-def decode_image(data) -> object:
-    """bytes | path | PIL image → an RGB PIL image, fully decoded (truncation raises here)."""
+def decode_image(data, *, max_pixels: int | None = None) -> object:
+    """bytes | path | PIL image → an RGB PIL image, fully decoded (truncation raises here).
+
+    Paths are opened as given: the pair sources check them first (:class:`PathGuard`). An
+    image over ``max_pixels`` (default :data:`snpo.images.MAX_IMAGE_PIXELS`) raises
+    :class:`BadImageError` from its header, before any pixel is decoded."""
     from PIL import Image
+
+    from .images import ImageTooLargeError, check_pixels, open_image
 
     if data is None:
         raise BadImageError("no image data")
     if isinstance(data, dict) and "bytes" in data:  # datasets' Image feature, undecoded
-        data = data["bytes"] or data.get("path")
-    if isinstance(data, (str, Path)):
-        if not os.path.isfile(data):
-            raise BadImageError(f"missing file {data}")
-        im = Image.open(data)
-    elif isinstance(data, (bytes, bytearray, memoryview)):
-        im = Image.open(io.BytesIO(bytes(data)))
-    elif isinstance(data, Image.Image):
-        im = data
-    else:
-        raise BadImageError(f"unsupported image value of type {type(data).__name__}")
+        if not data["bytes"]:
+            raise BadImageError("an image record without bytes (paths go through a source)")
+        data = data["bytes"]
+    try:
+        if isinstance(data, (str, Path)):
+            if not os.path.isfile(data):
+                raise BadImageError(f"missing file {data}")
+            im = open_image(data, max_pixels=max_pixels)
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            im = open_image(io.BytesIO(bytes(data)), max_pixels=max_pixels)
+        elif isinstance(data, Image.Image):
+            im = data
+            check_pixels(im, max_pixels)
+        else:
+            raise BadImageError(f"unsupported image value of type {type(data).__name__}")
+    except ImageTooLargeError as err:
+        raise BadImageError(str(err)) from err
     im.load()  # decode now: a truncated JPEG fails here, not later
     if im.mode != "RGB":
         im = im.convert("RGBA").convert("RGB") if "transparency" in im.info else im.convert("RGB")

@@ -34,9 +34,48 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div(255.0)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully (a truncated JPEG opens fine and fails only here)."""
-    img = Image.open(io.BytesIO(data))
+# Decoded-pixel cap (width × height) checked from the header before any pixel is decoded:
+# 64 MP (8192 × 8192) leaves Pick-a-Pic's ≤ 1024² images far below it, and refuses
+# decompression bombs (a few KB of PNG/JPEG that claim e.g. 20000 × 20000). PIL's own check
+# (Image.MAX_IMAGE_PIXELS, ~89 MP warning / ~179 MP error) still applies above this one.
+MAX_IMAGE_PIXELS = 64 * 2**20
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header claims more pixels than the cap (a decompression bomb?)."""
+
+
+def open_image(fp, *, max_pixels: int | None = None) -> Image.Image:
+    """``Image.open`` (lazy: header only) that refuses images over ``max_pixels``
+    (default :data:`MAX_IMAGE_PIXELS`) with :class:`ImageTooLargeError` before decoding."""
+    import warnings
+
+    cap = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():  # our cap decides; PIL's warning would only add noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(f"{err} (a decompression bomb?)") from err
+    check_pixels(img, cap)
+    return img
+
+
+def check_pixels(img: Image.Image, max_pixels: int | None = None) -> None:
+    """Raise :class:`ImageTooLargeError` when ``img`` has more than ``max_pixels`` pixels."""
+    cap = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    w, h = img.size
+    if w * h > cap:
+        raise ImageTooLargeError(
+            f"the image claims {w}×{h} = {w * h / 1e6:.1f} MP, over the cap of "
+            f"{cap / 1e6:.1f} MP (snpo.images.MAX_IMAGE_PIXELS; a decompression bomb?)"
+        )
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes fully (a truncated JPEG opens fine and fails only here); an image
+    over the pixel cap raises :class:`ImageTooLargeError` before it is decoded."""
+    img = open_image(io.BytesIO(data), max_pixels=max_pixels)
     img.load()
     return img.convert("RGB")
 
