@@ -43,6 +43,19 @@ trainer regenerates exactly the draws the cache used. What the reference errors 
 on: objective, beta, lam, weighting, LoRA settings, batch size, world size — one cache serves
 dpo, bdpo, npo and snpo runs alike.
 
+Concurrency (:mod:`snpo.locks`, ``CACHE/.lock``): a build holds the folder for its whole run —
+exclusively for one process, by rank 0 for all ranks of a torch.distributed launch, shared plus
+``CACHE/.lock-rankR-of-N`` for independent ``--rank R --world N`` jobs (see
+:func:`_writer_lock`); ``--merge`` and ``--verify --repair`` hold it exclusively. A second
+writer is refused at once (FolderLocked, naming the holder's pid), never queued. Readers
+(:func:`open_cache`, ``--verify``, ``--info``) take no lock, so a read-only cache works and
+training never waits for a build: files are replaced atomically and counted only once listed,
+and a shard replaced under a reader by another build (``--overwrite``) names another section
+digest in its header and is refused by name, not read.
+
+Caches of format version 1 (before shards named themselves and data fingerprints covered the
+labels, captions and own-pairs images) are refused with "rebuild the cache".
+
 The trainer side: :func:`open_cache` (checks the fingerprint against the run's config, names
 differing fields, reports the covered epochs) → :class:`Cache` with ``ref_err``, ``latents``,
 ``text``, ``null``, ``valid`` and ``encoded_batch`` (a drop-in for
@@ -84,12 +97,14 @@ from .cache_store import (
     read_json,
     remove_stale_tmp,
     row_crcs,
+    section_digest,
     sha256_file,
     verify_cache,
     write_manifest,
     write_shard,
 )
 from .config import CACHE_SECTIONS
+from .locks import FolderLocked, exclusive_lock, shared_lock
 from .step import reference_errors
 
 __all__ = [
@@ -254,31 +269,174 @@ def model_identity(cfg) -> dict:
     return _model_identity(cfg.model, cfg.revision, cfg.variant)
 
 
-def data_identity(cfg) -> list[str]:
-    """One line per data file: name, size and row count (parquet) or content hash (JSONL/CSV);
-    hub datasets by id and split. File names only, so a moved dataset keeps its cache."""
+_PARQUET_IDS: dict[tuple, dict] = {}
+
+
+def _data_format(cfg, item: str) -> str:
+    """The reader :func:`snpo.data.open_source` picks for a local file ``item``: pickapic,
+    pairs, or another (explicit data_format hub, or an extension it refuses)."""
+    if cfg.data_format != "auto":
+        return cfg.data_format
+    ext = Path(item).suffix.lower()
+    if ext == ".parquet":
+        return "pickapic"
+    return "pairs" if ext in (".jsonl", ".json", ".csv") else "other"
+
+
+def _values_digest(values) -> str:
+    """SHA-256 of a sequence of values (None, str, bytes or anything str() shows), each length
+    prefixed so that no two sequences collide."""
+    h = hashlib.sha256()
+    for v in values:
+        if v is None:
+            h.update(b"\xff" * 8)
+            continue
+        b = bytes(v) if isinstance(v, (bytes, bytearray)) else str(v).encode("utf-8", "replace")
+        h.update(len(b).to_bytes(8, "little") + b)
+    return "sha256:" + h.hexdigest()
+
+
+def _parquet_footer(p: Path) -> bytes:
+    """The raw footer (file metadata) of a parquet file: schema, row groups, column offsets,
+    sizes and statistics."""
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        if size < 12:
+            raise ValueError("too short for a parquet file")
+        fh.seek(size - 8)
+        tail = fh.read(8)
+        n = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or n > size - 12:
+            raise ValueError("no parquet footer (PAR1) at its end")
+        fh.seek(size - 8 - n)
+        return fh.read(n)
+
+
+def _parquet_identity(p: Path) -> dict:
+    """Name, size, row count, footer hash and hashes of the columns snpo.data.PickapicParquet
+    decides pairs by (label_0, has_label: kept pairs, order and winner; caption: the prompts),
+    read as it reads them. Memoised per process by (path, inode, size, mtime, ctime)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .data import DataError
+
+    st = p.stat()
+    key = (os.path.realpath(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _PARQUET_IDS:
+        return dict(_PARQUET_IDS[key])
+    column = "footer"
+    try:
+        ident = {
+            "file": p.name,
+            "bytes": st.st_size,
+            "footer": "sha256:" + hashlib.sha256(_parquet_footer(p)).hexdigest(),
+        }
+        column = "schema"
+        pf = pq.ParquetFile(p)
+        ident["rows"] = pf.metadata.num_rows
+        names = set(pf.schema_arrow.names)
+        for column in ("label_0", "has_label", "caption"):
+            if column not in names:
+                ident[column] = "absent"
+                continue
+            col = pf.read(columns=[column]).column(column)
+            if column == "label_0":
+                a = col.to_numpy(zero_copy_only=False).astype(np.float64)
+                ident[column] = "sha256:" + hashlib.sha256(a.tobytes()).hexdigest()
+            elif column == "has_label":
+                a = col.to_numpy(zero_copy_only=False).astype(bool)
+                ident[column] = "sha256:" + hashlib.sha256(a.tobytes()).hexdigest()
+            else:
+                ident[column] = _values_digest(col.to_pylist())
+    except Exception as err:  # noqa: BLE001 - pyarrow/numpy raise several kinds
+        raise DataError(
+            f"train_data: cannot fingerprint parquet file {p} ({column}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    _PARQUET_IDS[key] = ident
+    return dict(ident)
+
+
+def _pair_image_names(p: Path) -> list:
+    """The winner/loser values of every record of a JSONL/CSV of own pairs, read as
+    :class:`snpo.data.OwnPairs` reads them but never raising (an unreadable record gives None:
+    the trainer's reader names it when it opens the data)."""
+    import csv
+
+    recs: list = []
+    if p.suffix.lower() == ".csv":
+        with contextlib.suppress(csv.Error, UnicodeDecodeError), open(p, newline="") as fh:
+            recs = list(csv.DictReader(fh))
+    else:
+        with contextlib.suppress(UnicodeDecodeError):
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    try:
+                        recs.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        recs.append(None)
+    out = []
+    for r in recs:
+        for key in ("winner", "loser"):
+            v = r.get(key) if isinstance(r, dict) else None
+            out.append(v if isinstance(v, str) and v else None)
+    return out
+
+
+def _pairs_identity(p: Path) -> dict:
+    """Name, size and SHA-256 of a JSONL/CSV of own pairs, and a hash over the size and mtime
+    (ns) of every image it names (relative to its folder; "missing" for absent ones): replacing
+    or editing an image changes it. Copies of the data must keep mtimes (cp -a, rsync -a), or
+    the cache is refused (naming ``data[i].image_size_mtime``)."""
+    stats = []
+    for name in _pair_image_names(p):
+        if name is None:
+            stats.append("unreadable record")
+            continue
+        try:
+            st = os.stat(p.parent / name)
+        except (OSError, ValueError):
+            stats.append("missing")
+            continue
+        stats.append(f"{st.st_size} {st.st_mtime_ns}" if os.path.isfile(p.parent / name) else "?")
+    return {
+        "file": p.name,
+        "bytes": p.stat().st_size,
+        "sha256": "sha256:" + sha256_file(p),
+        "images": len(stats),
+        "image_size_mtime": _values_digest(stats),
+    }
+
+
+def data_identity(cfg) -> list[dict]:
+    """One dict per data file, compared field by field (a refusal names e.g.
+    ``data[0].label_0``). Pick-a-Pic parquet: name, size, row count, footer and the label_0 /
+    has_label / caption columns (:func:`_parquet_identity`); own pairs (JSONL/CSV): name, size,
+    SHA-256 and every image's size + mtime (:func:`_pairs_identity`); hub datasets: id and
+    split. File names only (no folders), so a moved dataset keeps its cache. Not covered: the
+    image bytes inside a parquet file beyond what its footer records (offsets, sizes,
+    statistics)."""
     from .config import expand_data_files
 
-    out = []
+    out: list[dict] = []
     for item in expand_data_files(cfg.train_data):
         p = Path(item)
-        if p.is_file():
-            size = p.stat().st_size
-            if p.suffix.lower() == ".parquet":
-                import pyarrow.parquet as pq
-
-                rows = pq.ParquetFile(p).metadata.num_rows
-                out.append(f"{p.name} {size} bytes {rows} rows")
-            else:
-                out.append(f"{p.name} {size} bytes sha256:{sha256_file(p)[:16]}")
+        fmt = _data_format(cfg, item)
+        if not p.is_file():
+            out.append({"hub": item, "split": cfg.data_split})
+        elif fmt == "pickapic":
+            out.append(_parquet_identity(p))
+        elif fmt == "pairs":
+            out.append(_pairs_identity(p))
         else:
-            out.append(f"hub {item} split {cfg.data_split}")
+            out.append({"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)})
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # fingerprints (compared with a config) and layouts (how a section is stored)
-def section_fingerprint(name: str, cfg, layout: dict, mid: dict, did: list[str]) -> dict:
+def section_fingerprint(name: str, cfg, layout: dict, mid: dict, did: list[dict]) -> dict:
     """The config-derived fields a section depends on (compared field by field)."""
     common = {
         "data": did,
@@ -396,7 +554,8 @@ class Cache:
         self.seed = int(seed)
         self.sections = {n: s for n, s in view["sections"].items() if n in SECTIONS}
         self.stores = {
-            n: ShardStore(self.root, s["shards"], verify=verify) for n, s in self.sections.items()
+            n: ShardStore(self.root, s["shards"], verify=verify, digest=section_digest(s))
+            for n, s in self.sections.items()
         }
         self._memo: dict = {}
 
@@ -748,8 +907,9 @@ def open_cache(
     not cover epochs 0..epochs-1 (see :func:`epochs_needed`); with ``num_pairs``, one built for
     another number of pairs. Checks every needed shard's size now and the CRC32 of every row
     and tensor it reads (``verify="lazy"``); ``verify="full"`` also hashes every needed shard
-    now (SHA-256 against the manifest); ``"none"``: sizes only.
-    ``Cache.epochs`` reports the covered epochs.
+    now (SHA-256 against the manifest); ``"none"``: sizes only. Whatever ``verify``, a shard
+    whose header does not name itself and this section's build is refused when first read.
+    Takes no lock (see the module docstring). ``Cache.epochs`` reports the covered epochs.
     """
     root = Path(path)
     need = tuple(dict.fromkeys([need] if isinstance(need, str) else need))
@@ -1041,10 +1201,12 @@ class _Builder:
         bar = tqdm(
             todo, desc=f"{section}", disable=not (self.verbose and self.rank == 0), leave=False
         )
+        digest = section_digest(self.view["sections"][section])
         for unit in bar:
             rel = unit[0]
             tensors, meta = build_one(*unit[1:])
-            self.record(section, rel, write_shard(self.out, rel, tensors, meta))
+            entry = write_shard(self.out, rel, tensors, meta, section=digest)
+            self.record(section, rel, entry)
         self.times[section] = self.times.get(section, 0.0) + time.perf_counter() - t0
 
     # -- text --------------------------------------------------------------------------------
@@ -1267,6 +1429,57 @@ class _Builder:
         return {"err": err, "valid": valid}, {"first": first, "bad": sorted(bad)}
 
 
+@contextlib.contextmanager
+def _writer_lock(out: Path, rank: int, world: int, *, grouped: bool):
+    """The lock a builder holds on the cache folder ``out`` (:mod:`snpo.locks`) for its run:
+
+    - one process (world 1): ``out/.lock`` exclusively — it merges journals, removes stale
+      temporary files and rewrites the manifest, so nobody else may write;
+    - a torch.distributed build: rank 0 takes ``out/.lock`` exclusively for the whole build
+      (merge included) and tells the other ranks whether it got it, so that all ranks stop
+      with the same FolderLocked (the ranks of one build never refuse each other);
+    - independent ranks (``--rank R --world N`` without a process group): ``out/.lock`` shared
+      (ranks of one build run side by side, but never beside an exclusive writer: a
+      one-process build, --merge or --verify --repair), and ``out/.lock-rankR-of-N``
+      exclusively (the same rank twice is refused).
+    """
+    if world == 1:
+        with exclusive_lock(out, "snpo cache (build)"):
+            yield
+        return
+    who = f"snpo cache (build, rank {rank} of {world})"
+    if not grouped:
+        rank_lock = f".lock-rank{rank:05d}-of-{world:05d}"
+        with shared_lock(out, who), exclusive_lock(out, who, name=rank_lock):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        err = None
+        if rank == 0:
+            try:
+                stack.enter_context(exclusive_lock(out, f"snpo cache (build, {world} ranks)"))
+            except FolderLocked as e:
+                err = e
+        msg = _broadcast_text(str(err) if err is not None else "")
+        if err is not None:
+            raise err
+        if msg:
+            raise FolderLocked(msg, out, [])
+        yield
+
+
+def _broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank of the default process group."""
+    import torch.distributed as dist
+
+    obj = [text]
+    device = None
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.broadcast_object_list(obj, src=0, device=device)
+    return obj[0]
+
+
 def build_cache(
     cfg,
     out: str | Path,
@@ -1320,100 +1533,104 @@ def build_cache(
     )
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    if world == 1:  # the only writer: tidy up after crashed runs
-        remove_stale_tmp(out)
-        if journal_paths(out):
-            merge_parts(out)
-    source = open_source(cfg)
-    n = len(source)
-    epochs = int(epochs_needed(cfg, n, train_world) if epochs is None else epochs)
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dtype = PRECISION_DTYPES[cfg.precision]
-    t0 = time.perf_counter()
-    model = load_model(
-        cfg.model, dtype=dtype, device=device, revision=cfg.revision, variant=cfg.variant
-    )
-    if cfg.attention == "xformers":
-        model.unet.enable_xformers_memory_efficient_attention()
-    if cfg.resolution % model.latent_scale:
-        raise CacheError(
-            f"resolution: {cfg.resolution} is not divisible by the VAE factor {model.latent_scale}"
-        )
-    t_load = time.perf_counter() - t0
-    view = merged_view(out)
-    caps = captions(source) if "text" in what else None
-    plan = _plan_sections(
-        cfg, model, what, view, n, caps, shard_size, batch_size, latent_dtype, latent_mode,
-        ref_inputs,
-    )  # fmt: skip
-    _reconcile(out, view, plan, overwrite=overwrite, rank=rank, independent=world > 1 and d is None)
-    b = _Builder(
-        cfg,
-        out,
-        rank=rank,
-        world=world,
-        view=view,
-        source=source,
-        num_pairs=n,
-        model=model,
-        device=device,
-        dtype=dtype,
-        epochs=epochs,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        latent_dtype=latent_dtype,
-        latent_layout=plan["latents"]["layout"] if "latents" in plan else None,
-        latent_shape=tuple(plan["_latent_shape"]),
-        captions=caps,
-        num_workers=cfg.dataloader_num_workers if num_workers is None else num_workers,
-        verbose=verbose,
-        debug_stop_after=debug_stop_after,
-        ref_inputs=plan["ref"]["layout"]["inputs"] if "ref" in plan else None,
-    )
-    sections = {k: v for k, v in plan.items() if not k.startswith("_")}
-    b.register(sections)
-    b.log(
-        f"{n} pairs, sections {','.join(sections)}, {epochs} epoch(s), shards of {shard_size}, "
-        f"rank {rank}/{world}, device {device}, {cfg.precision}"
-    )
-    if "text" in sections:
-        b.run_units("text", b.text_units(), b.build_text)
-        _barrier()
-    if "latents" in sections:
-        b.run_units("latents", b.latent_units(), b.build_latents)
-        _barrier()
-    if "ref" in sections:
-        b.prepare_ref()
-        b.run_units("ref", b.ref_units(), b.build_ref)
-    _barrier()
-    if world > 1:
-        if d is not None:
-            if rank == 0:
+    with _writer_lock(out, rank, world, grouped=d is not None):
+        if world == 1:  # the only writer: tidy up after crashed runs
+            remove_stale_tmp(out)
+            if journal_paths(out):
                 merge_parts(out)
+        source = open_source(cfg)
+        n = len(source)
+        epochs = int(epochs_needed(cfg, n, train_world) if epochs is None else epochs)
+        dtype = PRECISION_DTYPES[cfg.precision]
+        t0 = time.perf_counter()
+        model = load_model(
+            cfg.model, dtype=dtype, device=device, revision=cfg.revision, variant=cfg.variant
+        )
+        if cfg.attention == "xformers":
+            model.unet.enable_xformers_memory_efficient_attention()
+        if cfg.resolution % model.latent_scale:
+            raise CacheError(
+                f"resolution: {cfg.resolution} is not divisible by the VAE factor "
+                f"{model.latent_scale}"
+            )
+        t_load = time.perf_counter() - t0
+        view = merged_view(out)
+        caps = captions(source) if "text" in what else None
+        plan = _plan_sections(
+            cfg, model, what, view, n, caps, shard_size, batch_size, latent_dtype, latent_mode,
+            ref_inputs,
+        )  # fmt: skip
+        _reconcile(
+            out, view, plan, overwrite=overwrite, rank=rank, independent=world > 1 and d is None
+        )
+        b = _Builder(
+            cfg,
+            out,
+            rank=rank,
+            world=world,
+            view=view,
+            source=source,
+            num_pairs=n,
+            model=model,
+            device=device,
+            dtype=dtype,
+            epochs=epochs,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            latent_dtype=latent_dtype,
+            latent_layout=plan["latents"]["layout"] if "latents" in plan else None,
+            latent_shape=tuple(plan["_latent_shape"]),
+            captions=caps,
+            num_workers=cfg.dataloader_num_workers if num_workers is None else num_workers,
+            verbose=verbose,
+            debug_stop_after=debug_stop_after,
+            ref_inputs=plan["ref"]["layout"]["inputs"] if "ref" in plan else None,
+        )
+        sections = {k: v for k, v in plan.items() if not k.startswith("_")}
+        b.register(sections)
+        b.log(
+            f"{n} pairs, sections {','.join(sections)}, {epochs} epoch(s), shards of {shard_size}, "
+            f"rank {rank}/{world}, device {device}, {cfg.precision}"
+        )
+        if "text" in sections:
+            b.run_units("text", b.text_units(), b.build_text)
             _barrier()
-        else:
-            b.log(f"independent ranks: after every rank has finished, run snpo cache --merge {out}")
-    total = time.perf_counter() - t_start
-    summary = {
-        "out": str(out),
-        "pairs": n,
-        "epochs": epochs,
-        "sections": list(sections),
-        "built": b.built,
-        "skipped": b.skipped,
-        "seconds": round(total, 3),
-        "load_seconds": round(t_load, 3),
-        "phase_seconds": {k: round(v, 3) for k, v in b.times.items()},
-    }
-    b.log(
-        f"done: {b.built} shard(s) built, {b.skipped} already there, {total:.1f} s "
-        f"(phases: {summary['phase_seconds']})"
-    )
-    return summary
+        if "latents" in sections:
+            b.run_units("latents", b.latent_units(), b.build_latents)
+            _barrier()
+        if "ref" in sections:
+            b.prepare_ref()
+            b.run_units("ref", b.ref_units(), b.build_ref)
+        _barrier()
+        if world > 1:
+            if d is not None:
+                if rank == 0:
+                    merge_parts(out)
+                _barrier()
+            else:
+                b.log(f"independent ranks: once every rank has finished, snpo cache --merge {out}")
+        total = time.perf_counter() - t_start
+        summary = {
+            "out": str(out),
+            "pairs": n,
+            "epochs": epochs,
+            "sections": list(sections),
+            "built": b.built,
+            "skipped": b.skipped,
+            "seconds": round(total, 3),
+            "load_seconds": round(t_load, 3),
+            "phase_seconds": {k: round(v, 3) for k, v in b.times.items()},
+        }
+        b.log(
+            f"done: {b.built} shard(s) built, {b.skipped} already there, {total:.1f} s "
+            f"(phases: {summary['phase_seconds']})"
+        )
+        return summary
 
 
 def _check_options(cfg, latent_dtype, latent_mode, ref_inputs, shard_size, batch_size) -> str:
@@ -1677,7 +1894,7 @@ def main(argv: list[str] | None = None) -> int:
         if summary and int(os.environ.get("RANK", "0")) == 0 and not opts.get("quiet"):
             print(json.dumps(summary))
         return 0
-    except (ConfigError, DataError, CacheError, ValueError) as err:
+    except (ConfigError, DataError, CacheError, FolderLocked, ValueError) as err:
         print(f"snpo cache: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
 

@@ -23,10 +23,27 @@ Rules that make a crash harmless:
   size of every needed shard is checked when a cache is opened. A truncated or bit-flipped shard
   is reported by name instead of being read as valid.
 
-Shard bytes are deterministic (safetensors sorts its header; the one metadata entry is JSON with
-sorted keys; no timestamps), so an interrupted-then-resumed build and a multi-rank build end
-byte-identical to a single uninterrupted one; only the manifest's ``created_at``/``updated_at``
-differ.
+Shard bytes are deterministic (safetensors sorts its header; the metadata is JSON with sorted
+keys, the shard's own relative path and its section's digest; no timestamps), so an
+interrupted-then-resumed build and a multi-rank build end byte-identical to a single
+uninterrupted one; only the manifest's ``created_at``/``updated_at`` differ.
+
+Trust boundaries:
+
+- every shard name a manifest or journal lists is checked when it is read
+  (:func:`check_manifest`): a relative path under its own section's folder, ending in
+  ``.safetensors``, that resolves inside the cache folder (no ``..``, no absolute path, no
+  symlink leading out). A bad name refuses the whole file, naming the entry, before anything
+  is read or deleted (``--verify --repair`` deletes only listed shards);
+- every shard carries its relative path and its section's digest (:func:`section_digest`, over
+  the section's fingerprint and layout) in its safetensors metadata (``shard_path`` and
+  ``section_digest`` in the ``snpo`` entry), checked when the shard is opened: a shard swapped
+  for another valid one of the same size, or left from another build of its section, is
+  refused by name. Caches of format version 1 (before this) have no such header and are
+  refused with "rebuild the cache";
+- writers hold the folder's lock (:mod:`snpo.locks`): :func:`merge_parts` and
+  ``verify_cache(repair=True)`` take it exclusively (re-entrant for a build that holds it);
+  readers take none (see snpo.cache).
 """
 
 from __future__ import annotations
@@ -35,18 +52,25 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 import zlib
 from collections import OrderedDict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
+from .config import CACHE_SECTIONS
+from .locks import exclusive_lock
+
 FORMAT = "snpo-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards name themselves (shard_path, section_digest); data fingerprints
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 TIMESTAMP_KEYS = ("created_at", "updated_at")
+SHARD_SUFFIX = ".safetensors"
+META_PATH = "shard_path"  # in a shard's metadata: its relative path in its cache
+META_SECTION = "section_digest"  # ... and its section's digest (section_digest)
 
 
 class CacheError(RuntimeError):
@@ -143,23 +167,43 @@ def row_crcs(tensors: list[torch.Tensor], dims: int) -> torch.Tensor:
     return out
 
 
-def shard_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> bytes:
-    """Deterministic safetensors bytes: contiguous CPU tensors and one metadata entry, sorted
-    JSON of ``meta`` plus the CRC32 of every tensor ("crc32": {name: crc})."""
+def section_digest(section: dict) -> str:
+    """Digest of a manifest section's fingerprint and layout: the build a shard belongs to."""
+    ident = {"fingerprint": section["fingerprint"], "layout": section["layout"]}
+    return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def shard_bytes(
+    tensors: dict[str, torch.Tensor],
+    meta: dict | None = None,
+    *,
+    path: str = "",
+    section: str = "",
+) -> bytes:
+    """Deterministic safetensors bytes: contiguous CPU tensors and one metadata entry ``snpo``
+    (one entry: safetensors does not keep the order of several), the sorted JSON of ``meta``
+    plus the CRC32 of every tensor ("crc32": {name: crc}), the shard's relative path
+    ("shard_path") and its section's digest ("section_digest")."""
     from safetensors.torch import save
 
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = dict(meta or {})
     meta["crc32"] = {k: crc32(v) for k, v in clean.items()}
-    metadata = {"snpo": json.dumps(meta, sort_keys=True)}
-    return save(clean, metadata=metadata)
+    meta[META_PATH], meta[META_SECTION] = path, section
+    return save(clean, metadata={"snpo": json.dumps(meta, sort_keys=True)})
 
 
 def write_shard(
-    root: str | Path, relpath: str, tensors: dict[str, torch.Tensor], meta: dict | None = None
+    root: str | Path,
+    relpath: str,
+    tensors: dict[str, torch.Tensor],
+    meta: dict | None = None,
+    *,
+    section: str,
 ) -> dict:
-    """Write one shard atomically; return its manifest entry {"sha256", "bytes"}."""
-    data = shard_bytes(tensors, meta)
+    """Write one shard atomically, naming itself (``relpath``) and its section (``section``:
+    :func:`section_digest`) in its header; return its manifest entry {"sha256", "bytes"}."""
+    data = shard_bytes(tensors, meta, path=relpath, section=section)
     entry = {"sha256": sha256_bytes(data), "bytes": len(data)}
     atomic_write_bytes(Path(root) / relpath, data)
     return entry
@@ -183,22 +227,101 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CacheCorruptError(f"{path} is not valid JSON: {err}") from err
+    except UnicodeDecodeError as err:
+        raise CacheCorruptError(f"{path} is not valid JSON (not UTF-8 text): {err}") from err
+
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def shard_name_problem(root: Path, section: str, rel, _real: dict | None = None) -> str | None:
+    """Why ``rel`` is not an acceptable shard name of ``section`` in the cache ``root`` (None:
+    it is): it must be a relative POSIX path ``<section>/.../<name>.safetensors`` without
+    empty, ``.`` or ``..`` parts that resolves (symlinks followed) inside ``root``.
+    ``_real``: memo of resolved folders (many shards share a few)."""
+    if not isinstance(rel, str) or not rel:
+        return "not a non-empty string"
+    if "\\" in rel or "\0" in rel or rel.startswith("/") or PurePosixPath(rel).is_absolute():
+        return "an absolute path (or one with a backslash or NUL)"
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "a path with an empty, '.' or '..' part"
+    if len(parts) < 2 or parts[0] != section:
+        return f"not under the section's folder {section}/"
+    if not rel.endswith(SHARD_SUFFIX) or parts[-1] == SHARD_SUFFIX:
+        return f"not a {SHARD_SUFFIX} file"
+    memo = {} if _real is None else _real
+    top = memo.get("") or memo.setdefault("", os.path.realpath(root))
+    parent = "/".join(parts[:-1])
+    if parent not in memo:
+        memo[parent] = os.path.realpath(os.path.join(top, *parts[:-1]))
+    leaf = os.path.join(memo[parent], parts[-1])
+    if os.path.islink(leaf):
+        leaf = os.path.realpath(leaf)
+    if not (memo[parent] + os.sep).startswith(top + os.sep) or not leaf.startswith(top + os.sep):
+        return f"resolves to {leaf}, outside the cache folder (a symlink leading out?)"
+    return None
+
+
+def check_manifest(root: str | Path, m, where: str | Path) -> dict:
+    """Refuse (CacheCorruptError naming the entry) a manifest or journal ``m`` read from
+    ``where`` whose structure is not a cache's or that lists a shard name outside its section's
+    folder in ``root`` (:func:`shard_name_problem`); return ``m``. Every reader of manifests and
+    journals goes through here, so nothing is read or deleted by an unchecked name."""
+    root = Path(root)
+
+    def bad(what: str) -> CacheCorruptError:
+        return CacheCorruptError(
+            f"{where}: {what}; refusing the cache at {root} (the file was edited or damaged: "
+            "fix or remove that entry, or rebuild the cache in a new folder)"
+        )
+
+    if not isinstance(m, dict) or not isinstance(m.get("sections"), dict):
+        raise bad("it has no 'sections' object")
+    memo: dict = {}
+    for name, sec in m["sections"].items():
+        if name not in CACHE_SECTIONS:
+            raise bad(f"section {name!r} is not a cache section (one of {list(CACHE_SECTIONS)})")
+        if not isinstance(sec, dict):
+            raise bad(f"section {name!r} is not an object")
+        for key in ("fingerprint", "layout", "shards"):
+            if not isinstance(sec.get(key), dict):
+                raise bad(f"section {name!r} has no {key!r} object")
+        for rel, entry in sec["shards"].items():
+            why = shard_name_problem(root, name, rel, memo)
+            if why is not None:
+                raise bad(f"section {name!r} lists the shard name {rel!r}, which is {why}")
+            ok = (
+                isinstance(entry, dict)
+                and isinstance(entry.get("sha256"), str)
+                and _SHA256_RE.fullmatch(entry["sha256"]) is not None
+                and type(entry.get("bytes")) is int
+                and entry["bytes"] >= 0
+            )
+            if not ok:
+                raise bad(
+                    f"section {name!r}: the entry of shard {rel!r} is not "
+                    '{"sha256": <64 hex digits>, "bytes": <size>}'
+                )
+    return m
 
 
 def load_manifest(root: str | Path) -> dict | None:
-    """The manifest of ``root``, or None when there is none yet."""
+    """The manifest of ``root`` (checked: :func:`check_manifest`), or None when there is none."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         return None
     m = read_json(path)
-    if m.get("format") != FORMAT:
-        raise CacheError(f"{path} is not an snpo cache manifest (format {m.get('format')!r})")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        fmt = m.get("format") if isinstance(m, dict) else None
+        raise CacheError(f"{path} is not an snpo cache manifest (format {fmt!r})")
     if m.get("format_version") != FORMAT_VERSION:
         raise CacheError(
             f"{path} has cache format version {m.get('format_version')}; this snpo reads "
-            f"version {FORMAT_VERSION}: rebuild the cache"
+            f"version {FORMAT_VERSION} (shards that name themselves, checked data "
+            "fingerprints): rebuild the cache (snpo cache into a new --out, or delete the folder)"
         )
-    return m
+    return check_manifest(root, m, path)
 
 
 def write_manifest(root: str | Path, manifest: dict) -> None:
@@ -249,32 +372,38 @@ def merged_view(root: str | Path) -> dict:
     root = Path(root)
     view = load_manifest(root) or new_manifest()
     for p in journal_paths(root):
-        merge_sections(view, read_json(p), str(p))
+        merge_sections(view, check_manifest(root, read_json(p), p), str(p))
     return view
 
 
 def merge_parts(root: str | Path) -> dict:
-    """Fold the rank journals into manifest.json and delete them (after all ranks finished)."""
+    """Fold the rank journals into manifest.json and delete them (after all ranks finished).
+    Holds the cache's exclusive lock (:mod:`snpo.locks`): refused while a rank still runs."""
     root = Path(root)
-    parts = journal_paths(root)
-    view = merged_view(root)
-    write_manifest(root, view)
-    for p in parts:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    with contextlib.suppress(OSError):
-        (root / PARTS_DIR).rmdir()
-    return view
+    with exclusive_lock(root, "snpo cache --merge"):
+        parts = journal_paths(root)
+        view = merged_view(root)
+        write_manifest(root, view)
+        for p in parts:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        with contextlib.suppress(OSError):
+            (root / PARTS_DIR).rmdir()
+        return view
 
 
 # --------------------------------------------------------------------------------------------
 # fingerprints
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts → dotted keys; a list of dicts → ``key[i].field`` (one key per field)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(_flatten(x, f"{key}[{i}]."))
         else:
             out[key] = v
     return out
@@ -315,14 +444,25 @@ class ShardStore:
     verify: "lazy" (CRC32 of every tensor or row read, see :meth:`tensor` / :meth:`rows`;
     sizes by :meth:`check_sizes`), "full" (also every shard's SHA-256, :meth:`verify_all`), or
     "none". Keeps up to ``max_open`` safetensors handles (memory-mapped) open; picklable
-    (handles are reopened).
+    (handles are reopened). Every shard opened must name itself and ``digest`` (its section's
+    :func:`section_digest`) in its header, whatever ``verify``; ``digest=None`` (hash checks
+    only, as in :func:`verify_cache`) skips the section check.
     """
 
-    def __init__(self, root: str | Path, entries: dict, verify: str = "lazy", max_open: int = 32):
+    def __init__(
+        self,
+        root: str | Path,
+        entries: dict,
+        verify: str = "lazy",
+        max_open: int = 32,
+        *,
+        digest: str | None = None,
+    ):
         if verify not in ("lazy", "full", "none"):
             raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
         self.root = Path(root)
         self.entries = entries
+        self.digest = digest
         self.verify = verify
         self.max_open = max_open
         self._verified: set[str] = set()
@@ -382,15 +522,40 @@ class ShardStore:
         try:
             h = safe_open(str(self.path(rel)), framework="pt")
             meta = json.loads((h.metadata() or {}).get("snpo", "{}"))
+            if not isinstance(meta, dict):
+                raise ValueError("its snpo metadata is not a JSON object")
         except Exception as err:  # noqa: BLE001 - safetensors/JSON errors on a damaged header
             raise CacheCorruptError(
                 f"cache shard {rel} is corrupt: its header cannot be read ({err}); run snpo "
                 "cache --verify --repair, then rerun the build to rebuild it"
             ) from err
+        self._check_identity(rel, meta)
         self._handles[rel] = (h, meta)
         if len(self._handles) > self.max_open:
             self._handles.popitem(last=False)
         return self._handles[rel]
+
+    def _check_identity(self, rel: str, header: dict) -> None:
+        """The shard's metadata names ``rel`` and this section's digest (else
+        CacheCorruptError)."""
+        repair = "run snpo cache --verify --repair, then rerun the build to rebuild it"
+        if META_PATH not in header or META_SECTION not in header:
+            raise CacheCorruptError(
+                f"cache shard {rel} does not name itself in its header (written by an snpo "
+                f"older than cache format {FORMAT_VERSION}, or not by snpo): rebuild the cache "
+                "(snpo cache into a new --out)"
+            )
+        if header[META_PATH] != rel:
+            raise CacheCorruptError(
+                f"cache shard {rel} is not the shard the manifest lists: its header says it is "
+                f"{header[META_PATH]!r} (swapped, copied or renamed); {repair}"
+            )
+        if self.digest is not None and header[META_SECTION] != self.digest:
+            raise CacheCorruptError(
+                f"cache shard {rel} belongs to another build of its section: its header's "
+                f"section digest {header[META_SECTION][:23]}… is not the manifest's "
+                f"{self.digest[:23]}… (copied from another cache?); {repair}"
+            )
 
     def _corrupt(self, rel: str, what: str) -> CacheCorruptError:
         return CacheCorruptError(
@@ -425,10 +590,18 @@ def verify_cache(root: str | Path, repair: bool = False) -> tuple[list[str], lis
     problems: corrupt or missing shards (one sentence each, naming the shard); notes: shard
     files no entry lists (left by an interrupted build; harmless, rebuilt by the next run).
     ``repair``: drop the bad entries from the manifest (and delete their files) so that the
-    next build rebuilds them."""
+    next build rebuilds them; it holds the cache's exclusive lock throughout (refused while a
+    build runs). Only shards the (checked, :func:`check_manifest`) manifest lists are deleted."""
     root = Path(root)
     if load_manifest(root) is None and not journal_paths(root):
         return [f"no cache at {root} ({MANIFEST} missing)"], []
+    if not repair:
+        return _verify(root, repair=False)
+    with exclusive_lock(root, "snpo cache --verify --repair"):
+        return _verify(root, repair=True)
+
+
+def _verify(root: Path, repair: bool) -> tuple[list[str], list[str]]:
     view = merged_view(root)
     problems, notes, bad = [], [], []
     for name, sec in sorted(view["sections"].items()):

@@ -71,7 +71,7 @@ def files_of(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".lock")
     }
 
 
@@ -83,8 +83,8 @@ def manifest_sans_time(root: Path) -> dict:
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
-    """Byte-identical files (shards; no journal or temporary leftovers on either side) and
-    identical manifests modulo their timestamps."""
+    """Byte-identical files (shards; no journal or temporary leftovers on either side; the
+    folder locks' files aside) and identical manifests modulo their timestamps."""
     fa, fb = files_of(a), files_of(b)
     assert sorted(fa) == sorted(fb)
     for rel in fa:

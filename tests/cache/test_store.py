@@ -170,7 +170,7 @@ def test_shard_bytes_are_deterministic(tmp_path):
     assert shard_bytes(t, {"z": 1, "a": [2]}) == shard_bytes(
         dict(reversed(t.items())), {"a": [2], "z": 1}
     )
-    e = write_shard(tmp_path, "x/y.safetensors", t)
+    e = write_shard(tmp_path, "x/y.safetensors", t, section="sha256:0")
     assert e["bytes"] == (tmp_path / "x" / "y.safetensors").stat().st_size
     assert not list(tmp_path.rglob("*.tmp-*"))
     assert json.loads(json.dumps(e)) == e
