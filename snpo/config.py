@@ -84,9 +84,14 @@ NON_TRAJECTORY_FIELDS = frozenset(
         "wandb_project",
         "dataloader_num_workers",
         "resume",
+        "allow_outside_paths",
+        "overwrite",
+        "trust_checkpoint",
+        "max_skipped_steps",
         "progress_bar",
         "debug_nan_at_step",
         "debug_hang_at_step",
+        "debug_fail_at_step",
         # where e_ref / latents / embeddings come from: the same values up to float rounding
         # (a resume that switches source warns that it is then not bit-exact)
         "ref_mode",
@@ -143,6 +148,12 @@ class TrainConfig:
     )
     on_bad_image: Literal["skip", "fail"] = _f(
         "skip", "a corrupt/missing image: skip the pair (counted, warned) or fail naming it"
+    )
+    allow_outside_paths: bool = _f(
+        False,
+        "let image paths in own pairs (JSONL/CSV) and dataset rows be absolute or leave their "
+        "file's folder (default: they resolve against that folder, symlinks too, and must stay "
+        "inside it)",
     )
     # --- LoRA --------------------------------------------------------------------------
     lora_rank: int = _f(0, "LoRA rank; 0 = full fine-tune")
@@ -206,6 +217,16 @@ class TrainConfig:
         'resume: "auto" (latest checkpoint in output_dir/checkpoints if any), "never", or a '
         "checkpoint tag/folder",
     )
+    overwrite: bool = _f(
+        False,
+        "a fresh start on an output_dir that holds another run: move its files aside into "
+        "<output_dir>.replaced-<time>/ (without it the start is refused, exit 4)",
+    )
+    trust_checkpoint: bool = _f(
+        False,
+        "allow `resume` to name a checkpoint outside output_dir (checkpoints are pickles: only "
+        "resume from folders you trust)",
+    )
     checkpoint_every: int = _f(500, "save a DeepSpeed checkpoint every N steps (0 = only at end)")
     keep_checkpoints: int = _f(2, "keep the newest N checkpoints (0 = all)")
     export_every: int = _f(0, "write output_dir/export-<step> every N steps (0 = only the final)")
@@ -215,11 +236,19 @@ class TrainConfig:
     )
     wandb_project: str = _f("snpo", "wandb project (report_to: wandb)")
     progress_bar: bool = _f(True, "tqdm progress bar on rank 0")
+    max_skipped_steps: int = _f(
+        20,
+        "fp16: consecutive optimizer steps DeepSpeed may skip for a loss-scale overflow before "
+        "the run stops as non-finite (exit 3)",
+    )
     debug_nan_at_step: int | None = _f(
         None, "test hook: make the loss NaN at this step (checks the non-finite guard)"
     )
     debug_hang_at_step: int | None = _f(
         None, "test hook: sleep after this step's checkpoint (lets a test SIGKILL mid-run)"
+    )
+    debug_fail_at_step: int | None = _f(
+        None, "test hook: rank 0 alone raises an I/O error at this step (checks that no rank hangs)"
     )
 
     # ------------------------------------------------------------------------------------
@@ -350,6 +379,15 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options are --key value")
         key, eq, value = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if (
+            not eq
+            and _HINTS.get(name) is bool
+            and (i + 1 >= len(argv) or argv[i + 1].startswith("--"))
+        ):
+            out[name] = True  # a bare --flag of a boolean option
+            i += 1
+            continue
         if not eq:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ConfigError(f"option --{key} needs a value")
@@ -461,6 +499,7 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
         "checkpoint_every",
         "export_every",
         "keep_checkpoints",
+        "max_skipped_steps",
     ):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}: must be ≥ 0, got {getattr(cfg, name)}")
@@ -468,6 +507,10 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
         raise ConfigError(f"log_every: must be ≥ 1, got {cfg.log_every}")
     if cfg.max_train_pairs is not None and cfg.max_train_pairs < 1:
         raise ConfigError(f"max_train_pairs: must be ≥ 1, got {cfg.max_train_pairs}")
+    if not isinstance(cfg.allow_outside_paths, bool):
+        raise ConfigError(
+            f"allow_outside_paths: must be true or false, got {cfg.allow_outside_paths!r}"
+        )
     if not cfg.learning_rate > 0:
         raise ConfigError(f"learning_rate: must be > 0, got {cfg.learning_rate}")
     if cfg.max_grad_norm < 0:

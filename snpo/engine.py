@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import socket
 import sys
 import time
@@ -57,6 +56,55 @@ class NonFiniteError(RuntimeError):
 
 class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed with this configuration (or the reference moved)."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model named by ``model`` could not be loaded (missing files, wrong folder, hub)."""
+
+
+class DistributedError(RuntimeError):
+    """DeepSpeed or torch.distributed failed (initialisation, a collective, a peer process)."""
+
+
+class PeerFailed(RuntimeError):
+    """Another process of the run failed at a step every process checks together; its own
+    error names the problem."""
+
+
+def agree(fn, what: str):
+    """Run ``fn()`` on every rank and make every rank stop if any of them failed.
+
+    The rank that failed re-raises its own error; the others raise :class:`PeerFailed`, so no
+    rank waits in a later collective for a process that is gone."""
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        error = err
+    ok = all_reduce(torch.tensor([0.0 if error is not None else 1.0]), "min")
+    if error is not None:
+        raise error
+    if float(ok[0]) < 1.0:
+        raise PeerFailed(f"another process failed while {what} (its error says why)")
+    return result
+
+
+def guard_decision(
+    *, finite_norm: bool, overflow: bool, skipped_in_a_row: int, limit: int
+) -> tuple[str, int]:
+    """What the non-finite guard does after an optimizer step → (action, skipped in a row).
+
+    fp16 loss scaling: DeepSpeed reports an overflow when the scaled gradients are not finite;
+    it skips that step and lowers the scale. That is routine, not a failure — until ``limit``
+    steps in a row were skipped. Without an overflow report a non-finite norm stops the run.
+    action: "ok", "skipped" (a routine overflow) or "stop"."""
+    if overflow:
+        n = skipped_in_a_row + 1
+        return ("stop" if n > limit else "skipped"), n
+    if not finite_norm:
+        return "stop", skipped_in_a_row
+    return "ok", 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,22 +190,36 @@ def build_models(
     *,
     skip: tuple[str, ...] = (),
     reference: bool = True,
+    model_path: Path | None = None,
 ) -> Models:
     """Load the model, add LoRA or unfreeze the UNet, build the reference, set attention.
 
     skip: components not to load ("vae", "text_encoders": their outputs come from a cache);
-    reference: False when the reference errors come from a cache (no frozen copy is made)."""
+    reference: False when the reference errors come from a cache (no frozen copy is made);
+    model_path: the local folder ``cfg.model`` resolved to (:func:`resolve_model`).
+
+    Policy and reference run in the same (eval) mode: with the same weights they compute the
+    same numbers bit for bit (diffusers' resnets take another memory layout in train mode), so
+    step 1 of every objective starts exactly at the pair loss ln 2. Dropout, which SD1.5/SDXL
+    configs set to 0, is therefore off."""
     from .models import load_model
 
     dtype = DTYPES[cfg.precision]
-    model = load_model(
-        cfg.model,
-        dtype=dtype,
-        device=device,
-        revision=cfg.revision,
-        variant=cfg.variant,
-        skip=skip,
-    )
+    try:
+        model = load_model(
+            str(model_path) if model_path is not None else cfg.model,
+            dtype=dtype,
+            device=device,
+            revision=None if model_path is not None else cfg.revision,
+            variant=cfg.variant,
+            skip=skip,
+        )
+    except (ConfigError, ModelLoadError):
+        raise
+    except Exception as err:  # noqa: BLE001 - diffusers/transformers/hub raise many kinds
+        raise ModelLoadError(
+            f"model: cannot load {cfg.model!r}: {type(err).__name__}: {err}".splitlines()[0]
+        ) from err
     unet = model.unet
     if cfg.attention == "xformers":
         try:
@@ -186,14 +248,30 @@ def build_models(
         if cfg.preset.uses_reference and want_reference:
             reference = copy.deepcopy(unet).to(device)  # already in the training dtype
             reference.requires_grad_(False)
-            reference.eval()
         unet.requires_grad_(True)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.train()
+    unet.eval()  # see the docstring: the same mode as the reference
+    if reference is not None:
+        reference.eval()
     if not any(p.requires_grad for p in unet.parameters()):
         raise ConfigError("lora_targets: no UNet module matched; nothing would be trained")
     return Models(model, reference, lora)
+
+
+def resolve_model(cfg: TrainConfig) -> Path | None:
+    """The local folder of ``cfg.model``: itself, or for a hub id the snapshot of ``revision``
+    resolved once (downloaded when not cached), so that the cache check, the load and the
+    checkpoint's model identity all see the same commit. None when it cannot be resolved here
+    (the load then reports why)."""
+    if os.path.isdir(cfg.model):
+        return Path(cfg.model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(cfg.model, revision=cfg.revision))
+    except Exception:  # noqa: BLE001 - offline, unknown id: load_model names the problem
+        return None
 
 
 def reference_fingerprint(models: Models) -> str:
@@ -320,6 +398,50 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # logging
+def keep_metrics_until(path: Path, step: int) -> int:
+    """Rewrite ``path`` (atomically) keeping the records of steps ≤ ``step``; a torn or
+    unreadable line (a run killed mid-write) is dropped with a warning. → lines dropped as torn."""
+    keep, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            at = int(rec.get("step", 0))
+        except (ValueError, TypeError, AttributeError):
+            torn += 1
+            continue
+        if at <= step:
+            keep.append(line)
+    if torn:
+        warnings.warn(
+            f"{path}: skipped {torn} unreadable line(s) (a run stopped while writing)",
+            stacklevel=2,
+        )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)
+    return torn
+
+
+def rebase_position(
+    epoch: int, batch: int, *, micro: int, old_world: int, new_world: int, batches_per_epoch: int
+) -> tuple[int, int, int]:
+    """Where the data order of ``new_world`` processes continues a run that stopped before
+    micro-batch ``batch`` of ``epoch`` on ``old_world`` → (global micro-step, its epoch, pairs
+    skipped). The pairs of an epoch are consumed in permutation order, micro × world per
+    global micro-batch, so batch × micro × old_world pairs are done; the new order starts at the
+    first whole batch past them (none repeats; ``skipped`` < micro × new_world are left out
+    when the count does not divide)."""
+    consumed = batch * micro * old_world
+    per_batch = micro * new_world
+    new_batch = -(-consumed // per_batch)
+    skipped = new_batch * per_batch - consumed
+    if new_batch >= batches_per_epoch:
+        epoch, new_batch, skipped = epoch + 1, 0, 0
+    return epoch * batches_per_epoch + new_batch, epoch, skipped
+
+
 class MetricsLogger:
     """metrics.jsonl (every step) + TensorBoard / wandb (every log_every) + tqdm, rank 0 only."""
 
@@ -330,12 +452,7 @@ class MetricsLogger:
         if not self.active:
             return
         if self.path.exists():  # a resumed run: drop what the interrupted run logged past here
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
-            ]
-            self.path.write_text("".join(k + "\n" for k in keep))
+            keep_metrics_until(self.path, start_step)
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -397,32 +514,40 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir) / CHECKPOINT_DIR
 
 
-def latest_tag(cfg: TrainConfig) -> tuple[Path, str] | None:
-    """(folder, tag) to resume from per cfg.resume, or None for a fresh start."""
+def resume_target(cfg: TrainConfig) -> tuple[Path, str, str | None] | None:
+    """(folder, tag, warning) to resume from per ``cfg.resume``, or None for a fresh start.
+
+    auto: the newest complete tag in output_dir/checkpoints (``latest`` when it names one).
+    A tag or folder: that checkpoint; outside output_dir only with ``trust_checkpoint``
+    (checkpoints are pickles)."""
+    from .checkpoints import LATEST_FILE, CheckpointError, choose_tag, inside
+
     if cfg.resume == "never":
         return None
-    if cfg.resume == "auto":
-        d = checkpoint_dir(cfg)
-        f = d / "latest"
-        return (d, f.read_text().strip()) if f.is_file() else None
-    p = Path(cfg.resume)
-    if p.is_dir() and (p / "latest").is_file():
-        return p, (p / "latest").read_text().strip()
-    if p.is_dir():
-        return p.parent, p.name
-    if (checkpoint_dir(cfg) / cfg.resume).is_dir():
-        return checkpoint_dir(cfg), cfg.resume
-    raise ConfigError(f"resume: no checkpoint {cfg.resume!r} (a folder or a tag in checkpoints/)")
-
-
-def prune_checkpoints(cfg: TrainConfig, current: str) -> None:
-    if cfg.keep_checkpoints <= 0:
-        return
     d = checkpoint_dir(cfg)
-    tags = sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for tag in tags[: -cfg.keep_checkpoints]:
-        if tag != current:
-            shutil.rmtree(d / tag, ignore_errors=True)
+    if cfg.resume == "auto":
+        tag, warning = choose_tag(d)
+        return None if tag is None else (d, tag, warning)
+    p = Path(cfg.resume)
+    if p.is_dir() and ((p / LATEST_FILE).is_file() or not (p / "snpo-checksums.json").is_file()):
+        folder, tag, warning = (p, *choose_tag(p))
+        if tag is None:
+            raise ConfigError(f"resume: {cfg.resume!r} holds no checkpoint")
+    elif p.is_dir():
+        folder, tag, warning = p.parent, p.name, None
+    elif (d / cfg.resume).is_dir():
+        folder, tag, warning = d, cfg.resume, None
+    else:
+        raise ConfigError(
+            f"resume: no checkpoint {cfg.resume!r} (a folder or a tag in checkpoints/)"
+        )
+    if not inside(folder, Path(cfg.output_dir)) and not cfg.trust_checkpoint:
+        raise CheckpointError(
+            f"resume: {folder} is outside output_dir {cfg.output_dir}; DeepSpeed checkpoints are "
+            "pickles that can run code when loaded, so snpo resumes only from its own folder: "
+            "add --trust_checkpoint if you wrote it or trust its author"
+        )
+    return folder, tag, warning
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +557,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self._held = contextlib.ExitStack()  # the output folder's lock, for the whole run
+        self.bad_total = 0  # pairs skipped for bad images, over the whole run (checkpointed)
 
     # setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -440,17 +567,30 @@ class Trainer:
         from .step import StepModels, lora_reference, unet_fn
 
         cfg = self.cfg
-        self.dist = dist = init_distributed(cfg)
+        try:
+            self.dist = dist = init_distributed(cfg)
+        except Exception as err:  # noqa: BLE001 - gloo/nccl/launcher errors
+            raise DistributedError(f"cannot start torch.distributed: {err}") from err
         torch.manual_seed(cfg.seed)
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        self.target = agree(self._claim_output_dir, "checking output_dir")
         self.dtype = DTYPES[cfg.precision]
+        self.model_path = agree(lambda: resolve_model(cfg), "resolving the model")
         self.source = open_source(cfg)
         # which inputs come from a cache decides what is loaded at all
         self.cache, self.inputs_note = self._agreed_cache()
         cached = set(self.cache.sections) if self.cache is not None else set()
         self.sources = {n: "cache" if n in cached else "live" for n in sections_used(cfg)}
         skip = tuple(c for c, n in (("vae", "latents"), ("text_encoders", "text")) if n in cached)
-        self.models = build_models(cfg, dist.device, skip=skip, reference="ref" not in cached)
+        self.models = agree(
+            lambda: build_models(
+                cfg,
+                dist.device,
+                skip=skip,
+                reference="ref" not in cached,
+                model_path=self.model_path,
+            ),
+            "loading the model",
+        )
         m = self.models.model
         if cfg.resolution % m.latent_scale:
             raise ConfigError(
@@ -479,6 +619,10 @@ class Trainer:
         )
         side = cfg.resolution // m.latent_scale
         self.latent_shape = (m.in_channels, side, side)
+        self.base_fingerprint = reference_fingerprint(self.models)  # before any checkpoint load
+        self.universal = False
+        if self.target is not None:
+            self.target = agree(self._prepare_world_change, "preparing the checkpoint")
         self.engine = self._init_deepspeed()
         policy = unet_fn(self.engine)
         if not cfg.preset.uses_reference or "ref" in cached:
@@ -490,6 +634,66 @@ class Trainer:
         null = self.cache.null() if "text" in cached else null_embedding(m)
         null = null.to(device=dist.device, dtype=self.dtype)
         self.step_models = StepModels(m, policy, reference, null, dist.device, self.dtype)
+
+    def _claim_output_dir(self):
+        """Lock output_dir (rank 0), refuse what would mix or lose runs, pick the checkpoint to
+        resume (see :mod:`snpo.run_dir`); → (folder, tag) or None. Every rank computes the
+        resume target; only rank 0 locks, moves aside and writes run.json."""
+        from .run_dir import check_fresh_start, check_inputs_outside, move_aside, write_run_file
+
+        cfg, out = self.cfg, Path(self.cfg.output_dir)
+        check_inputs_outside(cfg, whole_folder=False)
+        if self.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            from .locks import exclusive_lock
+
+            self._held.enter_context(exclusive_lock(out, "training run"))
+        found = resume_target(cfg)
+        if found is not None and found[2]:
+            warnings.warn(found[2], stacklevel=2)
+        check_fresh_start(cfg, resumable=found is not None)
+        if self.dist.is_main and found is None:
+            if cfg.overwrite:
+                check_inputs_outside(cfg, whole_folder=True)
+                moved = move_aside(out)
+                if moved is not None:
+                    print(f"snpo train: moved the previous run in {out} aside to {moved}")
+            write_run_file(out, cfg.fingerprint(), cfg.trajectory_dict())
+        return None if found is None else found[:2]
+
+    def _prepare_world_change(self) -> tuple[Path, str]:
+        """A ZeRO-1/2/3 checkpoint saved by another number of processes becomes a universal
+        checkpoint (:mod:`snpo.universal`): its files are verified, rank 0 converts and seals
+        ``<tag>_universal``, and the engine is built to load it. → the tag to load."""
+        from .checkpoints import digests, seal, tag_files
+        from .universal import (
+            convert_to_universal,
+            is_universal,
+            needs_conversion,
+            saved_world_size,
+            universal_tag,
+            unsupported_reason,
+        )
+
+        cfg, world = self.cfg, self.dist.world
+        folder, tag = self.target
+        if is_universal(folder, tag):
+            self.universal = True
+            return folder, tag
+        old = saved_world_size(folder, tag)
+        if not needs_conversion(cfg.zero_stage, old, world):
+            return folder, tag
+        why = unsupported_reason(cfg.zero_stage, self.models.lora, cfg.precision, old, world)
+        if why:
+            raise ResumeError(why)
+        self.verify_checkpoint(folder, tag)  # the converter unpickles: verify first
+        new = universal_tag(tag)
+        if self.dist.is_main:
+            convert_to_universal(folder, tag, zero_stage=cfg.zero_stage, log=print)
+            seal(folder, new, digests(folder / new, tag_files(folder / new)), latest=False)
+        barrier()
+        self.universal = True
+        return folder, new
 
     def _agreed_cache(self):
         """:func:`open_run_cache` on every rank, and the same decision on all of them: a rank
@@ -541,59 +745,145 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-        engine, _, _, _ = deepspeed.initialize(
-            model=unet,
-            model_parameters=params,
-            optimizer=opt,
-            lr_scheduler=sched,
-            config=deepspeed_config(cfg, self.dist.world),
-        )
+        conf = deepspeed_config(cfg, self.dist.world)
+        if self.universal:
+            from .universal import universal_load_config
+
+            conf = universal_load_config(conf)
+        try:
+            engine, _, _, _ = deepspeed.initialize(
+                model=unet,
+                model_parameters=params,
+                optimizer=opt,
+                lr_scheduler=sched,
+                config=conf,
+            )
+        except (ConfigError, OSError):
+            raise
+        except Exception as err:  # noqa: BLE001 - DeepSpeed raises many kinds
+            raise DistributedError(
+                f"deepspeed.initialize failed: {type(err).__name__}: {err}".splitlines()[0]
+            ) from err
         return engine
 
     # checkpoint ----------------------------------------------------------------------------
+    def data_step(self, step: int) -> int:
+        """The data order's global micro-step at the start of optimizer step ``step`` + 1:
+        step × accumulation, shifted when a resume on another number of processes re-based
+        the order (:meth:`_rebase_data_position`)."""
+        return step * self.cfg.gradient_accumulation_steps + self.data_offset
+
     def client_state(self, step: int) -> dict:
-        accum = self.cfg.gradient_accumulation_steps
-        epoch, batch = self.order.position(step * accum)
+        epoch, batch = self.order.position(self.data_step(step))
         return {
             "snpo_step": step,
             "snpo_epoch": epoch,
             "snpo_batch_in_epoch": batch,
-            "snpo_micro_step": step * accum,
+            "snpo_micro_step": self.data_step(step),
+            "snpo_data_offset": self.data_offset,
+            "snpo_micro": self.cfg.train_batch_size_per_gpu,
             "snpo_fingerprint": self.cfg.fingerprint(),
             "snpo_trajectory": self.cfg.trajectory_dict(),
             "snpo_world": self.dist.world,
+            "snpo_zero_stage": self.cfg.zero_stage,
             "snpo_sources": self.sources,
+            "snpo_bad_images": self.bad_images_so_far(),
+            "snpo_base_fingerprint": self.base_fingerprint,
         }
 
+    def bad_images_so_far(self) -> int:
+        """Pairs skipped for bad images since the run began (all ranks; collective)."""
+        return int(all_reduce(torch.tensor([self.bad_total]), "sum").item()) + self.bad_resumed
+
     def save(self, step: int) -> None:
-        tag = f"step_{step:08d}"
-        d = checkpoint_dir(self.cfg)
+        """Every rank writes its DeepSpeed files, every rank hashes its share of them, rank 0
+        writes the checksum file and then ``latest`` (:mod:`snpo.checkpoints`)."""
+        from .checkpoints import digests, my_share, prune, seal, tag_files, tag_name
+
+        tag, d = tag_name(step), checkpoint_dir(self.cfg)
+        state = self.client_state(step)
+        if self.cfg.debug_fail_at_step == step and self.dist.is_main:
+            raise OSError(28, f"No space left on device (debug_fail_at_step {step})")
         self.engine.save_checkpoint(
             str(d),
             tag=tag,
-            client_state=self.client_state(step),
+            client_state=state,
+            save_latest=False,
             exclude_frozen_parameters=self.models.lora,
         )
         barrier()
+        names = tag_files(d / tag)
+        mine = digests(d / tag, my_share(names, self.dist.rank, self.dist.world))
+        parts = [mine]
+        if self.dist.world > 1:
+            parts = [None] * self.dist.world
+            torch.distributed.all_gather_object(parts, mine)
         if self.dist.is_main:
-            prune_checkpoints(self.cfg, tag)
+            files = {k: v for part in parts for k, v in part.items()}
+            seal(d, tag, files)
+            prune(d, self.cfg.keep_checkpoints, tag)
         barrier()
 
-    def resume(self) -> int:
-        found = latest_tag(self.cfg)
-        if found is None:
-            return 0
-        folder, tag = found
-        before = reference_fingerprint(self.models)
-        path, state = self.engine.load_checkpoint(
-            str(folder),
-            tag=tag,
-            load_module_strict=not self.models.lora,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
+    def verify_checkpoint(self, folder: Path, tag: str) -> None:
+        """Check every file of ``folder/tag`` against its checksum file before DeepSpeed opens
+        any (the hashing is spread over the ranks); CheckpointError names each bad file."""
+        from .checkpoints import (
+            CheckpointError,
+            extra_files,
+            my_share,
+            read_checksums,
+            verify_files,
         )
+
+        listed = read_checksums(folder / tag)
+        if listed is None:
+            raise CheckpointError(
+                f"checkpoint {folder / tag} has no checksum file: it is incomplete or was not "
+                "written by snpo; nothing from it is loaded"
+            )
+        names = sorted(listed)
+        bad = verify_files(folder / tag, listed, my_share(names, self.dist.rank, self.dist.world))
+        if self.dist.is_main:
+            bad += [
+                f"{folder / tag / n}: not listed in the checksum file"
+                for n in extra_files(folder / tag, listed)
+            ]
+        found = [bad]
+        if self.dist.world > 1:
+            found = [None] * self.dist.world
+            torch.distributed.all_gather_object(found, bad)
+        problems = [b for part in found for b in part]
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {folder / tag} is corrupt, nothing was loaded: "
+                + "; ".join(problems[:4])
+                + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")
+                + "; delete that tag folder to resume from the previous checkpoint"
+            )
+
+    def resume(self) -> int:
+        if self.target is None:
+            return 0
+        folder, tag = self.target
+        self.verify_checkpoint(folder, tag)
+        before = reference_fingerprint(self.models)
+        try:
+            path, state = self.engine.load_checkpoint(
+                str(folder),
+                tag=tag,
+                load_module_strict=not self.models.lora,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+        except Exception as err:  # noqa: BLE001 - DeepSpeed raises many kinds
+            raise ResumeError(
+                f"DeepSpeed could not load checkpoint {folder / tag}: {type(err).__name__}: "
+                f"{err}".splitlines()[0]
+            ) from err
         if path is None or state is None:
             raise ResumeError(f"could not load checkpoint {tag!r} from {folder}")
+        if state.get("snpo_world") is None and self.universal:
+            raise ResumeError(f"checkpoint {folder / tag} carries no snpo client state")
         if state.get("snpo_fingerprint") != self.cfg.fingerprint():
             old = state.get("snpo_trajectory", {})
             new = self.cfg.trajectory_dict()
@@ -603,13 +893,7 @@ class Trainer:
                 f"{', '.join(diff) or 'unknown'}; use resume: never and a new output_dir, or "
                 "restore those options"
             )
-        if state.get("snpo_world") not in (None, self.dist.world):
-            warnings.warn(
-                f"resuming a run saved with {state['snpo_world']} process(es) on "
-                f"{self.dist.world}: the draws per pair are unchanged, the data order per rank "
-                "is not",
-                stacklevel=2,
-            )
+        self._check_base_model(state, folder / tag)
         old_sources = state.get("snpo_sources")
         if old_sources is not None and old_sources != self.sources:
             warnings.warn(
@@ -624,7 +908,50 @@ class Trainer:
                 "base model); refusing to continue"
             )
         self.reference_fingerprint = after
-        return int(state["snpo_step"])
+        self.bad_resumed = int(state.get("snpo_bad_images", 0))
+        step = int(state["snpo_step"])
+        self.data_offset = int(state.get("snpo_data_offset", 0))
+        old_world = state.get("snpo_world")
+        if old_world not in (None, self.dist.world):
+            self._rebase_data_position(state, step)
+        return step
+
+    def _rebase_data_position(self, state: dict, step: int) -> None:
+        """Continue the data where a run on another number of processes stopped: the pairs
+        of the saved epoch consumed so far (batch × micro × old world, all ranks together) are
+        skipped, so no pair is seen twice or left out — exact when that count divides by
+        micro × new world; otherwise up to one global batch of pairs is skipped, with a
+        warning. The draws of each pair are keyed by (seed, epoch, pair), unchanged."""
+        old_world = int(state["snpo_world"])
+        target, epoch, skipped = rebase_position(
+            int(state["snpo_epoch"]),
+            int(state["snpo_batch_in_epoch"]),
+            micro=self.cfg.train_batch_size_per_gpu,
+            old_world=old_world,
+            new_world=self.dist.world,
+            batches_per_epoch=self.order.batches_per_epoch,
+        )
+        self.data_offset = target - step * self.cfg.gradient_accumulation_steps
+        note = (
+            "the data continues exactly where it stopped"
+            if skipped == 0
+            else f"{skipped} pair(s) of epoch {epoch} are skipped to realign the batches"
+        )
+        warnings.warn(
+            f"resuming a run saved with {old_world} process(es) on {self.dist.world}: {note}; "
+            f"the learning rate and schedule continue as saved (lr {self.engine.get_lr()[0]:.3g})",
+            stacklevel=2,
+        )
+
+    def _check_base_model(self, state: dict, where: Path) -> None:
+        """The base model (the reference) must be the one the checkpoint was trained from."""
+        saved = state.get("snpo_base_fingerprint")  # of the full weights, before ZeRO partitions
+        if saved is None or saved == self.base_fingerprint:
+            return
+        raise ResumeError(
+            f"model: {self.cfg.model!r} is not the base model checkpoint {where} was trained "
+            "from (its weights differ); point model at the original weights, or start a new run"
+        )
 
     # export --------------------------------------------------------------------------------
     def export(self, step: int, final: bool) -> Path | None:
@@ -791,10 +1118,16 @@ class Trainer:
             )
 
     def run(self) -> dict:
+        with self._held:
+            return self._run()
+
+    def _run(self) -> dict:
         from .data import make_loader
 
         self.setup()
         cfg, dist = self.cfg, self.dist
+        self.bad_resumed = 0
+        self.data_offset = 0
         start = self.resume()
         self.reference_fingerprint = reference_fingerprint(self.models)
         logger = MetricsLogger(cfg, dist, start)
@@ -809,17 +1142,18 @@ class Trainer:
         logger.message(self.inputs_note)
         accum = cfg.gradient_accumulation_steps
         if self.sources["latents"] == "cache":
-            it = self._cached_batches(start * accum, cfg.max_steps * accum)
+            it = self._cached_batches(self.data_step(start), self.data_step(cfg.max_steps))
         else:
             loader = make_loader(
                 self.dataset,
                 self.order,
-                start=start * accum,
-                stop=cfg.max_steps * accum,
+                start=self.data_step(start),
+                stop=self.data_step(cfg.max_steps),
                 num_workers=cfg.dataloader_num_workers,
             )
             it = iter(loader)
-        bad_total = 0
+        self.bad_total = 0
+        skipped_in_a_row = 0
         step = start
         last_record: dict = {}
         try:
@@ -830,7 +1164,7 @@ class Trainer:
                 for _ in range(accum):
                     batch = next(it)
                     if batch.bad:
-                        bad_total += len(batch.bad)
+                        self.bad_total += len(batch.bad)
                         for _, why in batch.bad:
                             logger.message(f"warning: skipping a bad pair: {why}")
                             warnings.warn(f"skipping a bad pair: {why}", stacklevel=1)
@@ -850,25 +1184,43 @@ class Trainer:
                             f"update, nothing saved (the last good checkpoint is "
                             f"{self._last_tag()})"
                         )
+                    skipped_before = self._skipped_steps()
                     self.engine.step()
                     sums += _metric_vector(metrics)
                 grad_norm = self._grad_norm()
                 if grad_norm is None:
                     grad_norm = own_norm
-                if grad_norm is not None and not math.isfinite(grad_norm):
+                action, skipped_in_a_row = guard_decision(
+                    finite_norm=grad_norm is None or math.isfinite(grad_norm),
+                    overflow=self._skipped_steps() > skipped_before,
+                    skipped_in_a_row=skipped_in_a_row,
+                    limit=cfg.max_skipped_steps,
+                )
+                if action == "stop":
+                    what = (
+                        f"{skipped_in_a_row} optimizer steps in a row skipped for fp16 overflow"
+                        if skipped_in_a_row > cfg.max_skipped_steps
+                        else "non-finite gradient norm"
+                    )
                     raise NonFiniteError(
-                        f"non-finite gradient norm at step {step}; stopped, nothing saved "
+                        f"{what} at step {step}; stopped, nothing saved "
                         f"(the last good checkpoint is {self._last_tag()})"
+                    )
+                if action == "skipped":
+                    logger.message(
+                        f"step {step}: fp16 loss-scale overflow, DeepSpeed skipped the update "
+                        f"({skipped_in_a_row} in a row; the limit is {cfg.max_skipped_steps})"
                     )
                 all_reduce(sums)
                 dt = time.perf_counter() - t0
-                last_record = _record(sums, step, self.order.position(step * accum - 1)[0])
+                last_record = _record(sums, step, self.order.position(self.data_step(step) - 1)[0])
                 last_record.update(
                     grad_norm=grad_norm if grad_norm is not None else float("nan"),
                     lr=float(self.engine.get_lr()[0]),
                     pairs_per_s=float(sums[1]) / dt if dt > 0 else float("nan"),
-                    # pairs skipped for bad images since this process started
-                    bad_images=int(all_reduce(torch.tensor([bad_total]), "sum").item()),
+                    # pairs skipped for bad images since the run began (resumes included)
+                    bad_images=self.bad_images_so_far(),
+                    skipped_step=action == "skipped",
                     seconds=dt,
                 )
                 if torch.cuda.is_available() and dist.device.type == "cuda":
@@ -893,8 +1245,10 @@ class Trainer:
         return {"step": step, "export": str(out) if out else None, "last": last_record}
 
     def _last_tag(self) -> str:
-        f = checkpoint_dir(self.cfg) / "latest"
-        return f.read_text().strip() if f.is_file() else "none"
+        from .checkpoints import complete_tags
+
+        tags = complete_tags(checkpoint_dir(self.cfg))
+        return tags[-1] if tags else "none"
 
     def _local_grad_norm(self) -> float | None:
         """The gradient norm before the step when DeepSpeed does not report one (ZeRO-0 fp32:
@@ -905,6 +1259,10 @@ class Trainer:
         if not grads:
             return None
         return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+
+    def _skipped_steps(self) -> int:
+        """DeepSpeed's count of optimizer steps skipped for a loss-scale overflow (fp16)."""
+        return int(getattr(self.engine, "skipped_steps", 0) or 0)
 
     def _grad_norm(self) -> float | None:
         g = self.engine.get_global_grad_norm()

@@ -5,8 +5,17 @@
     python -m snpo.train --config C.yaml [--key value ...]      (one process, no launcher)
     snpo train --config C.yaml [--key value ...]
 
-Options: docs/trainer.md (or ``--help``). Exit codes: 0 done, 2 bad configuration, data or cache,
-3 non-finite loss/gradient (nothing saved), 4 resume refused.
+Options: docs/trainer.md (or ``--help``). Exit codes (one line on stderr says why):
+
+    0  done
+    1  an unexpected error (a bug: the traceback is in output_dir/error-rank<R>.log)
+    2  bad configuration, data or cache
+    3  non-finite loss or gradient norm, or too many fp16 overflow skips (nothing saved)
+    4  refused: resume impossible (options, base model, corrupt or untrusted checkpoint),
+       output_dir holds another run or is in use by another process
+    5  the model could not be loaded
+    6  an I/O error (disk full, permissions) — the last complete checkpoint is intact
+    7  torch.distributed / DeepSpeed failed, or another process of the run failed
 """
 
 from __future__ import annotations
@@ -32,24 +41,81 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"snpo train: configuration error: {err}", file=sys.stderr)
         return 2
-    from snpo.cache_store import CacheError
-    from snpo.data import DataError
-    from snpo.engine import NonFiniteError, ResumeError, run
-
     try:
-        summary = run(cfg)
-    except (ConfigError, DataError, CacheError) as err:
-        print(f"snpo train: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteError as err:
-        print(f"snpo train: stopped: {err}", file=sys.stderr)
-        return 3
-    except ResumeError as err:
-        print(f"snpo train: cannot resume: {err}", file=sys.stderr)
-        return 4
+        summary = _run(cfg)
+    except BaseException as err:  # noqa: BLE001 - every failure leaves with a code and a line
+        code, line = classify(err)
+        if code == 1:
+            line += f" (traceback: {_save_traceback(cfg, err)})"
+        print(f"snpo train: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # a process that failed alone must not wait in interpreter teardown (collectives,
+            # loader workers): leave now, and the launcher stops the others
+            os._exit(code)
+        return code
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"snpo train: done at step {summary['step']}; export: {summary['export']}")
     return 0
+
+
+def _run(cfg):
+    from snpo.engine import run
+
+    return run(cfg)
+
+
+EXIT_CODES = {
+    "ConfigError": 2,
+    "DataError": 2,
+    "CacheError": 2,
+    "NonFiniteError": 3,
+    "ResumeError": 4,
+    "CheckpointError": 4,
+    "RunFolderError": 4,
+    "UniversalError": 4,
+    "FolderLocked": 4,
+    "ModelLoadError": 5,
+    "DistributedError": 7,
+    "PeerFailed": 7,
+    "DistBackendError": 7,
+}
+PREFIX = {2: "", 3: "stopped: ", 4: "refused: ", 5: "", 6: "I/O error: ", 7: ""}
+
+
+def classify(err: BaseException) -> tuple[int, str]:
+    """(exit code, the one line to print) for an exception that ended the run."""
+    if isinstance(err, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(err, SystemExit):
+        code = err.code if isinstance(err.code, int) else 1
+        return code, f"exited with {code}"
+    first = (str(err).strip().splitlines() or [""])[0]
+    for cls in type(err).__mro__:
+        if cls.__name__ in EXIT_CODES:
+            code = EXIT_CODES[cls.__name__]
+            return code, f"{PREFIX.get(code, '')}{type(err).__name__}: {first}"
+    if isinstance(err, OSError):
+        return 6, f"I/O error: {err}"
+    if isinstance(err, RuntimeError) and "file write failed" in first:  # torch.save on a full disk
+        return 6, f"I/O error: {first}"
+    return 1, f"unexpected {type(err).__name__}: {first}"
+
+
+def _save_traceback(cfg, err: BaseException) -> str:
+    import traceback
+
+    rank = os.environ.get("RANK", "0")
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    try:
+        path = os.path.join(cfg.output_dir, f"error-rank{rank}.log")
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(text)
+        return path
+    except OSError:
+        print(text, file=sys.stderr)
+        return "printed above"
 
 
 if __name__ == "__main__":

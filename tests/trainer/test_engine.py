@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from snpo.checkpoints import CheckpointError, seal
 from snpo.config import load_config
 from snpo.data import PairDataset, PickapicParquet, collate_pairs
 from snpo.draws import pair_draws
@@ -17,9 +18,9 @@ from snpo.engine import (
     deepspeed_config,
     effective_lr,
     init_distributed,
-    latest_tag,
     lr_lambda,
     reference_fingerprint,
+    resume_target,
 )
 from snpo.models import load_model, null_embedding
 from snpo.step import StepModels, encode_batch, preference_step, unet_fn
@@ -116,10 +117,13 @@ def test_reference_fingerprint_and_resume_lookup(cfg, tiny_pixel, tmp_path):
     with torch.no_grad():
         next(iter(ref.parameters())).view(-1)[0] += 1e-6
     assert reference_fingerprint(models) != fp  # a moved reference is detected
-    assert latest_tag(cfg) is None
+    assert resume_target(cfg) is None
     ck = tmp_path / "o" / "checkpoints"
-    ck.mkdir(parents=True)
+    (ck / "step_00000007").mkdir(parents=True)
     (ck / "latest").write_text("step_00000007")
-    assert latest_tag(cfg) == (ck, "step_00000007")
+    with pytest.raises(CheckpointError, match="none has its checksum file"):
+        resume_target(cfg)  # a tag without checksums is not resumed from
+    seal(ck, "step_00000007", {})
+    assert resume_target(cfg) == (ck, "step_00000007", None)
     cfg.resume = "never"
-    assert latest_tag(cfg) is None
+    assert resume_target(cfg) is None
