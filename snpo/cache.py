@@ -30,7 +30,7 @@ caches exactly what that run needs. Three sections, each optional (``--what``):
              - ``random_crop: true``: the latents of the drawn crop+flip are stored per epoch
                (×E storage, ``--latent_mode epochs``; also usable for center crop when E = 1).
              Pixel-space models (no VAE): the transformed image itself, as exact uint8.
-``ref``      the reference errors e_ref (shared/objectives.md) of winner and loser for every
+``ref``      the reference errors e_ref (docs/objectives.md) of winner and loser for every
              (epoch, pair): 2 float32 per pair per epoch. They are computed by the trainer's own
              code (:func:`snpo.step.reference_errors`, re-exported here: the reference UNet on
              :func:`snpo.step.noised_inputs`, the x_t, t, branch conditioning and target that

@@ -6,7 +6,7 @@ Every field is a flat attribute of :class:`TrainConfig`; its help text lives in 
 metadata (``docs/trainer.md`` is generated from it by :func:`options_table`). Validation names
 the field in every message. YAML is read with ``yaml.safe_load`` only.
 
-Objective presets (``shared/objectives.md``):
+Objective presets (``docs/objectives.md``):
 
 | objective  | swap                    | lam default | reference |
 | ---------- | ----------------------- | ----------- | --------- |

@@ -240,7 +240,7 @@ def preference_metrics(margins: torch.Tensor, *, seed: int = 0) -> dict:
     for i, (name, v) in enumerate(per_pair.items()):
         lo, hi = bootstrap_ci(v, seed=seed + i)
         out[name] = {"value": float(v.mean()) if n else math.nan, "ci": [lo, hi]}
-    # per-draw statistics, the trainer's convention (objectives.md), through snpo_kernels
+    # per-draw statistics, the trainer's convention (docs/objectives.md), through snpo_kernels
     zeros = torch.zeros(n * k, dtype=torch.float64)
     flat_c = torch.cat([m[0, 0].flatten(), m[0, 1].flatten()])
     flat_n = torch.cat([m[1, 0].flatten(), m[1, 1].flatten()])

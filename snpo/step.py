@@ -3,7 +3,7 @@
 No I/O, no optimizer, no DeepSpeed: the engine calls it once per micro-batch and backpropagates
 the returned loss; tests call it directly.
 
-Layout of one micro-batch of P pairs (the ``objectives.md`` contract):
+Layout of one micro-batch of P pairs (the ``docs/objectives.md`` contract):
 - rows 0..P-1 are the winners, P..2P-1 the losers of the same pairs, in the same order;
 - winner and loser of pair k share the timestep t_k and the noise ε_k (Diffusion-DPO);
 - pair k takes the null-prompt branch (Y = −1) when ``draws.uncond[k]``: its prompt embedding is
@@ -123,7 +123,7 @@ def lora_reference(module, policy: UNetFn) -> UNetFn:
 
 # --------------------------------------------------------------------------------------------
 def swap_flags(preset_swap: str, uncond: torch.Tensor) -> torch.Tensor:
-    """(P,) bool: which pairs exchange winner and loser (objectives.md preset table)."""
+    """(P,) bool: which pairs exchange winner and loser (docs/objectives.md preset table)."""
     if preset_swap == "none":
         return torch.zeros_like(uncond, dtype=torch.bool)
     if preset_swap == "all":

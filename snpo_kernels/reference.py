@@ -1,4 +1,4 @@
-"""The preference objectives of ``shared/objectives.md`` in plain PyTorch.
+"""The preference objectives of ``docs/objectives.md`` in plain PyTorch.
 
 This is the oracle every fused backend is tested against, and the ``"torch"`` backend itself
 (gradients come from autograd through these formulas). One small function per formula.

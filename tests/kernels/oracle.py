@@ -1,4 +1,4 @@
-"""An independent float64 oracle of shared/objectives.md, written element by element with the
+"""An independent float64 oracle of docs/objectives.md, written element by element with the
 math module (nothing shared with snpo_kernels.reference), for the tests."""
 
 from __future__ import annotations
