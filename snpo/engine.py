@@ -19,8 +19,10 @@
   {step, epoch, micro_step, config fingerprint and trajectory options}. All randomness is
   counter-based (:mod:`snpo.draws`), so step, weights, optimizer and LR-scheduler state are
   all a resume needs to continue bit-identically.
-- Non-finite guard: a non-finite loss is caught before ``backward`` (all ranks agree through an
-  all-reduce), a non-finite gradient norm right after the step; the run stops with an error
+- Non-finite guard: a non-finite loss of any micro-batch (flagged on the device) or a non-finite
+  gradient norm is caught before the optimizer step (all ranks agree through one all-reduce per
+  optimizer step; DeepSpeed reports the norm when it computes one, after its step, which
+  skips or applies nothing at ZeRO 1–3 for a non-finite norm); the run stops with an error
   naming the step and saves nothing, so the last good checkpoint stays the newest.
 - Logging: ``metrics.jsonl`` (every step, rank 0), TensorBoard under ``output_dir/tb`` (default) or
   wandb, a tqdm bar on rank 0.
@@ -376,6 +378,12 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def clips_itself(cfg: TrainConfig) -> bool:
+    """ZeRO-0 fp32: DeepSpeed would compute the gradient norm to clip and then drop it, so the
+    trainer clips (and gets the norm) itself, in one pass (:meth:`Trainer._norm_and_clip`)."""
+    return cfg.zero_stage == 0 and cfg.precision == "fp32"
+
+
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     micro, accum = cfg.train_batch_size_per_gpu, cfg.gradient_accumulation_steps
     conf: dict = {
@@ -387,7 +395,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.max_grad_norm > 0:
+    if cfg.max_grad_norm > 0 and not clips_itself(cfg):
         conf["gradient_clipping"] = cfg.max_grad_norm
     if cfg.precision == "bf16":
         conf["bf16"] = {"enabled": True}
@@ -764,6 +772,10 @@ class Trainer:
             raise DistributedError(
                 f"deepspeed.initialize failed: {type(err).__name__}: {err}".splitlines()[0]
             ) from err
+        if self.dist.world == 1 and cfg.zero_stage == 0:
+            # one process: nothing to average, so no flattening, all-reduce and copy-back of
+            # every gradient at each boundary
+            engine.enable_backward_allreduce = False
         return engine
 
     # checkpoint ----------------------------------------------------------------------------
@@ -1160,8 +1172,10 @@ class Trainer:
             while step < cfg.max_steps:
                 step += 1
                 t0 = time.perf_counter()
-                sums = torch.zeros(10, dtype=torch.float64)
-                for _ in range(accum):
+                sums = torch.zeros(METRIC_SLOTS, dtype=torch.float64, device=dist.device)
+                bad_loss = torch.zeros((), dtype=torch.bool, device=dist.device)
+                own_norm = None
+                for m in range(accum):
                     batch = next(it)
                     if batch.bad:
                         self.bad_total += len(batch.bad)
@@ -1169,27 +1183,17 @@ class Trainer:
                             logger.message(f"warning: skipping a bad pair: {why}")
                             warnings.warn(f"skipping a bad pair: {why}", stacklevel=1)
                     loss, metrics = self._micro_step(batch, step)
-                    finite = torch.tensor([1.0 if bool(torch.isfinite(loss.detach())) else 0.0])
-                    if all_reduce(finite, "min").item() < 1.0:
-                        raise NonFiniteError(
-                            f"non-finite loss ({loss.item()}) at step {step}; stopped before "
-                            "the update, nothing saved (the last good checkpoint is "
-                            f"{self._last_tag()})"
-                        )
+                    bad_loss |= ~torch.isfinite(loss.detach())  # on the device: no sync here
                     self.engine.backward(loss)
-                    own_norm = self._local_grad_norm()
-                    if own_norm is not None and not math.isfinite(own_norm):
-                        raise NonFiniteError(
-                            f"non-finite gradient norm at step {step}; stopped before the "
-                            f"update, nothing saved (the last good checkpoint is "
-                            f"{self._last_tag()})"
-                        )
+                    sums += _metric_vector(metrics, sums)
+                    if m == accum - 1:  # the boundary: one host sync and one collective
+                        own_norm = self._norm_and_clip()
+                        self._check_before_step(bad_loss, own_norm, sums, step)
                     skipped_before = self._skipped_steps()
                     self.engine.step()
-                    sums += _metric_vector(metrics)
                 grad_norm = self._grad_norm()
-                if grad_norm is None:
-                    grad_norm = own_norm
+                if grad_norm is None and own_norm is not None:
+                    grad_norm = float(own_norm)
                 action, skipped_in_a_row = guard_decision(
                     finite_norm=grad_norm is None or math.isfinite(grad_norm),
                     overflow=self._skipped_steps() > skipped_before,
@@ -1211,7 +1215,10 @@ class Trainer:
                         f"step {step}: fp16 loss-scale overflow, DeepSpeed skipped the update "
                         f"({skipped_in_a_row} in a row; the limit is {cfg.max_skipped_steps})"
                     )
+                sums = sums.cpu()
+                sums[METRIC_SLOTS - 1] = self.bad_total
                 all_reduce(sums)
+                sums = sums.tolist()  # the one read of this step's metrics
                 dt = time.perf_counter() - t0
                 last_record = _record(sums, step, self.order.position(self.data_step(step) - 1)[0])
                 last_record.update(
@@ -1219,7 +1226,7 @@ class Trainer:
                     lr=float(self.engine.get_lr()[0]),
                     pairs_per_s=float(sums[1]) / dt if dt > 0 else float("nan"),
                     # pairs skipped for bad images since the run began (resumes included)
-                    bad_images=self.bad_images_so_far(),
+                    bad_images=int(sums[METRIC_SLOTS - 1]) + self.bad_resumed,
                     skipped_step=action == "skipped",
                     seconds=dt,
                 )
@@ -1250,15 +1257,37 @@ class Trainer:
         tags = complete_tags(checkpoint_dir(self.cfg))
         return tags[-1] if tags else "none"
 
-    def _local_grad_norm(self) -> float | None:
-        """The gradient norm before the step when DeepSpeed does not report one (ZeRO-0 fp32:
-        gradients are whole and already averaged in .grad at the accumulation boundary)."""
-        if self.cfg.zero_stage != 0 or not self.engine.is_gradient_accumulation_boundary():
+    def _norm_and_clip(self) -> torch.Tensor | None:
+        """ZeRO-0 fp32 (:func:`clips_itself`): the global gradient norm as a device tensor, in
+        one foreach pass that also clips to ``max_grad_norm`` (gradients are whole and, with
+        several processes, already averaged at the boundary). None elsewhere: DeepSpeed
+        reports its own norm after the step."""
+        if not clips_itself(self.cfg):
             return None
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if not params:
             return None
-        return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+        if self.cfg.max_grad_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm, foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+    def _check_before_step(self, bad_loss, own_norm, sums, step: int) -> None:
+        """Stop before the update when any rank saw a non-finite loss (or, with our own norm,
+        a non-finite gradient): one device-to-host copy and one all-reduce per optimizer step."""
+        bad_norm = ~torch.isfinite(own_norm) if own_norm is not None else torch.zeros_like(bad_loss)
+        flags = torch.stack([bad_loss, bad_norm]).to(torch.float64).cpu()
+        all_reduce(flags)
+        if float(flags[0]) > 0:
+            mean = float(sums[0] / sums[1]) if float(sums[1]) > 0 else float("nan")
+            raise NonFiniteError(
+                f"non-finite loss ({mean}) at step {step}; stopped before the update, nothing "
+                f"saved (the last good checkpoint is {self._last_tag()})"
+            )
+        if float(flags[1]) > 0:
+            raise NonFiniteError(
+                f"non-finite gradient norm at step {step}; stopped before the update, nothing "
+                f"saved (the last good checkpoint is {self._last_tag()})"
+            )
 
     def _skipped_steps(self) -> int:
         """DeepSpeed's count of optimizer steps skipped for a loss-scale overflow (fp16)."""
@@ -1271,33 +1300,40 @@ class Trainer:
         return float(g.item() if isinstance(g, torch.Tensor) else g)
 
 
-def _metric_vector(m: dict) -> torch.Tensor:
-    """Sums over micro-batches (and ranks): loss·P, P, acc_c·n_c, n_c, acc_u·n_u, n_u,
-    logp·P, mse_policy·P, mse_ref·P, micro-batches."""
+METRIC_SLOTS = 11
+
+
+def _metric_vector(m: dict, like: torch.Tensor) -> torch.Tensor:
+    """The sums over micro-batches (and ranks) of one micro-batch, on ``like``'s device with no
+    host synchronisation: loss·P, P, acc_c·n_c, n_c, acc_u·n_u, n_u, logp·P, mse_policy·P,
+    mse_ref·P, micro-batches, and a slot the loop fills with the bad-image count."""
 
     def g(k):
         v = m.get(k)
-        return 0.0 if v is None else float(torch.nan_to_num(v.detach().double(), nan=0.0))
+        if v is None:
+            return torch.zeros((), dtype=like.dtype, device=like.device)
+        return torch.nan_to_num(v.detach().to(like.device, like.dtype).reshape(()), nan=0.0)
 
-    p = g("pairs")
-    return torch.tensor(
+    p, n_c, n_u = g("pairs"), g("count_cond"), g("count_uncond")
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    return torch.stack(
         [
             g("loss") * p,
             p,
-            g("accuracy_cond") * g("count_cond"),
-            g("count_cond"),
-            g("accuracy_uncond") * g("count_uncond"),
-            g("count_uncond"),
+            g("accuracy_cond") * n_c,
+            n_c,
+            g("accuracy_uncond") * n_u,
+            n_u,
             g("logp_proxy") * p,
             g("mse_policy") * p,
             g("mse_ref") * p,
-            1.0,
-        ],
-        dtype=torch.float64,
+            one,
+            torch.zeros_like(one),
+        ]
     )
 
 
-def _record(s: torch.Tensor, step: int, epoch: int) -> dict:
+def _record(s: list[float], step: int, epoch: int) -> dict:
     def div(a, b):
         return float(a / b) if b > 0 else float("nan")
 
