@@ -5,7 +5,14 @@ loss = preference_loss(pred, target, ref_pred, swap=swap, beta=5000.0, lam=0.9)
 """
 
 from .api import PreferenceLoss, PreferenceOutput, preference_loss, preference_loss_with_stats
-from .dispatch import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
+from .dispatch import (
+    BACKENDS,
+    BackendUnavailableError,
+    SelfCheckWarning,
+    available_backends,
+    resolve_backend,
+    self_check_verdicts,
+)
 from .reference import bounded_margin, per_sample_error
 from .stats import PreferenceStats, preference_stats
 
@@ -17,6 +24,7 @@ __all__ = [
     "PreferenceLoss",
     "PreferenceOutput",
     "PreferenceStats",
+    "SelfCheckWarning",
     "available_backends",
     "bounded_margin",
     "per_sample_error",
@@ -24,4 +32,5 @@ __all__ = [
     "preference_loss_with_stats",
     "preference_stats",
     "resolve_backend",
+    "self_check_verdicts",
 ]

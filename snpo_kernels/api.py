@@ -1,11 +1,16 @@
 """Public API: :func:`preference_loss`, :func:`preference_loss_with_stats`, :class:`PreferenceLoss`.
 
-The contract (``shared/objectives.md``), for P pairs in a (2P, ...) batch, winners first:
+The contract (``docs/objectives.md``), for P pairs in a (2P, ...) batch, winners first:
 
     e(i)  = (1/N) Σ_j (pred[i,j] − target[i,j])²          (float32 accumulation)
     m     = weight·(e_θ − e_ref)       (a, b) = preferred, rejected  (swapped where swap[k])
     m̃_b   = −log(λ·exp(−m_b) + 1 − λ)                      (Bounded-DPO mixture; = m_b at λ = 1)
     ℓ_k   = −log σ(−(β/2)·(m_a − m̃_b)),   loss = mean_k ℓ_k
+
+Non-finite errors: ℓ_k is NaN when e_θ, e_ref or the weight of pair k is not finite (in
+every backend, set here after the backend runs: no host synchronisation), so a
+non-finite-loss guard sees it; without this, an infinite loser error would give ℓ_k = 0
+(λ = 1 saturates σ, λ < 1 bounds m̃_b). ``PreferenceStats.nonfinite`` counts such pairs.
 
 β follows the Diffusion-DPO code (``-logsigmoid(-0.5·β·(model_diff − ref_diff))``): diffusers'
 DPO example's β' = 2500 is β = 5000 here; Diffusion-NPO's SD1.5 script's β' = 500 is β = 1000.
@@ -18,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dispatch import resolve_backend, run_backend
-from .stats import PreferenceStats, preference_stats
-from .validation import validate_inputs
+from .dispatch import check_backend_name, run_backend, select_backend
+from .stats import PreferenceStats, nonfinite_pairs, preference_stats
+from .validation import check_pair_mask, validate_inputs
 
 
 @dataclass
@@ -36,8 +41,10 @@ class PreferenceOutput:
 
 def _run(pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction, backend):
     x = validate_inputs(pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction)
-    name = resolve_backend(backend, pred.device, pred.dtype)
+    name = select_backend(backend, x)
     loss, e_theta, e_ref = run_backend(name, x)
+    bad = nonfinite_pairs(e_theta, e_ref, x.weight)  # (P,) bool, on the device
+    loss = torch.where(bad if reduction == "none" else bad.any(), float("nan"), loss)
     return x, name, loss, e_theta, e_ref
 
 
@@ -62,13 +69,16 @@ def preference_loss(
         ref_pred: (2P, ...) reference predictions, or
         ref_err: (2P,) cached reference errors e_ref (exactly one of the two).
         swap: (P,) bool; True where the pair was trained on the null-prompt branch.
-        weight: scalar or (P,) per-pair weight (the ELBO's T·ω(t)); default 1.
-        beta: KL strength > 0 (Diffusion-DPO code convention; 5000 for SD1.5/SDXL DPO).
+        weight: scalar or (P,) per-pair weight (the ELBO's T·ω(t)), finite and ≥ 0; default 1.
+        beta: KL strength in (0, 1e10] (Diffusion-DPO code convention; 5000 for SD1.5/SDXL
+            DPO); a Python or NumPy real number.
         lam: Bounded-DPO mixture weight in (0, 1]; 1 is plain DPO, Diff-SNPO uses 0.9.
         reduction: "mean", "sum" or "none" (→ (P,)).
-        backend: "auto" (cuda → triton → torch), "torch", "triton" or "cuda".
+        backend: "auto" (cuda → triton → torch, fused ones self-checked once: see
+            :mod:`snpo_kernels.dispatch`), "torch", "triton" or "cuda".
 
-    Returns: the loss in float32 (float64 for float64 inputs); gradients flow to ``pred`` only.
+    Returns: the loss in float32 (float64 for float64 inputs), NaN for pairs with non-finite
+    errors; gradients flow to ``pred`` only.
     """
     return _run(pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction, backend)[2]
 
@@ -94,11 +104,8 @@ def preference_loss_with_stats(
     x, name, loss, e_theta, e_ref = _run(
         pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction, backend
     )
-    if uncond is not None and (uncond.shape != (x.num_pairs,) or uncond.dtype != torch.bool):
-        raise ValueError(
-            f"uncond must be a bool tensor of shape ({x.num_pairs},), got "
-            f"{uncond.dtype} {tuple(uncond.shape)}"
-        )
+    if uncond is not None:
+        check_pair_mask("uncond", uncond, x.num_pairs, x.pred.device)
     stats = preference_stats(e_theta, e_ref, x.swap, x.weight, uncond)
     return PreferenceOutput(loss, e_theta, e_ref, stats, name)
 
@@ -110,6 +117,7 @@ class PreferenceLoss(nn.Module):
         self, *, beta: float, lam: float = 1.0, reduction: str = "mean", backend: str = "auto"
     ) -> None:
         super().__init__()
+        check_backend_name(backend)
         validate_scalars = validate_inputs  # fail at construction on bad beta/lam/reduction
         probe = torch.zeros(2, 1)
         validate_scalars(probe, probe, None, torch.zeros(2), None, None, beta, lam, reduction)

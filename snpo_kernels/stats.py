@@ -5,6 +5,12 @@
   ``uncond`` mask when given (the trainer passes the drawn branch), else ``swap`` (the two agree
   for the Diff-SNPO presets; for DPO the null branch keeps normal labels and is not swapped).
 - winner log-likelihood proxy: mean of −m_a over the preferred samples.
+- nonfinite: the number of pairs with a non-finite e_θ, e_ref or weight (NaN / inf). The loss
+  of such a pair is NaN too (:func:`snpo_kernels.preference_loss` sets it, whatever the
+  backend), so a trainer's non-finite-loss guard skips the step instead of training on a loss
+  that an infinite error made 0 (λ < 1 bounds the loser's margin; λ = 1 saturates it).
+Each branch's statistics are computed over that branch's pairs only (masked selection, not a
+multiplication by 0): a NaN in one branch does not leak into the other.
 All results are tensors on the input's device (no host synchronisation).
 """
 
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .reference import preferred_rejected
+from .validation import check_pair_mask
 
 
 @dataclass
@@ -28,6 +35,7 @@ class PreferenceStats:
     logp_proxy: torch.Tensor
     logp_proxy_cond: torch.Tensor
     logp_proxy_uncond: torch.Tensor
+    nonfinite: torch.Tensor
 
     def as_dict(self) -> dict[str, float]:
         """Python floats (this synchronises: call it when logging, not inside the step)."""
@@ -35,8 +43,23 @@ class PreferenceStats:
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``values`` where ``mask`` (bool), and the count; values outside the mask are
+    never read into the sum (torch.where, not values·mask: NaN·0 is NaN)."""
     count = mask.sum().to(values.dtype)
-    return (values * mask).sum() / count, count
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / count, count
+
+
+def nonfinite_pairs(
+    e_theta: torch.Tensor, e_ref: torch.Tensor, weight: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """(P,) bool: pairs with a non-finite e_θ or e_ref in either sample, or a non-finite weight
+    (e_theta, e_ref: (2P,)). No host synchronisation."""
+    ok = torch.isfinite(e_theta) & torch.isfinite(e_ref)
+    first, second = ok.chunk(2)
+    ok = first & second
+    if isinstance(weight, torch.Tensor):
+        ok = ok & torch.isfinite(weight.detach()).to(ok.device)
+    return ~ok
 
 
 def preference_stats(
@@ -56,13 +79,16 @@ def preference_stats(
         w = weight.detach().to(torch.float64) if isinstance(weight, torch.Tensor) else weight
         m_a, m_b = w * m_a, w * m_b
     correct = (m_a < m_b).to(torch.float64) + 0.5 * (m_a == m_b).to(torch.float64)
+    if uncond is not None:
+        check_pair_mask("uncond", uncond, m_a.shape[0], e_theta.device)
     branch = uncond if uncond is not None else swap
     if branch is None:
         branch = torch.zeros_like(m_a, dtype=torch.bool)
-    uncond = branch.to(m_a.device).to(torch.float64)
-    cond = 1.0 - uncond
+    uncond = branch
+    cond = ~uncond
     acc_c, n_c = _masked_mean(correct, cond)
     acc_u, n_u = _masked_mean(correct, uncond)
     lp_c, _ = _masked_mean(-m_a, cond)
     lp_u, _ = _masked_mean(-m_a, uncond)
-    return PreferenceStats(acc_c, acc_u, n_c, n_u, (-m_a).mean(), lp_c, lp_u)
+    bad = nonfinite_pairs(e_theta, e_ref, weight).sum().to(torch.float64)
+    return PreferenceStats(acc_c, acc_u, n_c, n_u, (-m_a).mean(), lp_c, lp_u, bad)

@@ -273,7 +273,7 @@ def test_named_cuda_backend_is_refused_with_the_reason(no_extension):
 def test_auto_still_works_without_the_extension(no_extension):
     name = sk.resolve_backend("auto", torch.device("cuda", 0), torch.float32)
     assert name in ("triton", "torch")
-    pred = torch.randn(4, 3, requires_grad=True)
+    pred = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
     loss = sk.preference_loss(pred, torch.zeros(4, 3), torch.ones(4, 3), beta=2.0)
     loss.backward()
     assert torch.isfinite(loss) and pred.grad is not None
@@ -298,8 +298,9 @@ def test_float64_inputs_use_the_reference_path():
     """run() hands float64 companions to the reference (float64 accumulation), no kernel."""
     from snpo_kernels.validation import validate_inputs
 
-    pred = torch.randn(4, 5)
-    target = torch.randn(4, 5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, 5, generator=g)
+    target = torch.randn(4, 5, generator=g, dtype=torch.float64)
     x = validate_inputs(pred, target, target + 1, None, None, None, 3.0, 0.9, "mean")
     loss, e_t, _ = backend.run(x)
     assert loss.dtype == torch.float64 and e_t.shape == (4,)
