@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -710,6 +711,9 @@ class Trainer:
         from .cache_store import CacheError
 
         cfg, world = self.cfg, self.dist.world
+        if self.model_path is not None and str(self.model_path) != cfg.model:
+            # a hub id: fingerprint the very snapshot that is loaded (content hashes only)
+            cfg = dataclasses.replace(cfg, model=str(self.model_path), revision=None)
         error = None
         try:
             cache, note = open_run_cache(cfg, len(self.source), world)

@@ -176,7 +176,7 @@ def test_same_run_killed_before_its_first_checkpoint_restarts(tmp_path, tiny_sd,
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
-@pytest.mark.parametrize("field", ["model", "train_data"])
+@pytest.mark.parametrize("field", ["model", "train_data", "cache_dir"])
 def test_inputs_inside_export_or_checkpoints_refused(
     tmp_path, tiny_sd, pickapic_clean, capsys, field
 ):
@@ -185,17 +185,21 @@ def test_inputs_inside_export_or_checkpoints_refused(
     out = tmp_path / "run"
     inside = out / "export" / "inputs"
     inside.mkdir(parents=True)
-    model, data = tiny_sd, pickapic_clean
+    model, data, extra, name = tiny_sd, pickapic_clean, {}, field
     if field == "model":
         model = inside / "m"
         shutil.copytree(tiny_sd, model)
-    else:
+    elif field == "train_data":
         data = inside / "d.parquet"
         shutil.copy(pickapic_clean, data)
-    assert train_here(_cfg(tmp_path, model, data, out)) == 4
+    else:
+        (inside / "cache").mkdir()
+        extra = {"cache_dir": inside / "cache", "ref_mode": "auto"}
+        name = "cache"
+    assert train_here(_cfg(tmp_path, model, data, out, **extra)) == 4
     err = capsys.readouterr().err
     assert f"{field}:" in err and "rewrites" in err
-    assert (inside / ("m" if field == "model" else "d.parquet")).exists()
+    assert (inside / {"model": "m", "train_data": "d.parquet"}.get(field, name)).exists()
 
 
 def test_second_process_on_the_same_output_dir_is_refused(
