@@ -92,6 +92,10 @@ NON_TRAJECTORY_FIELDS = frozenset(
         "debug_nan_at_step",
         "debug_hang_at_step",
         "debug_fail_at_step",
+        "debug_freeze_at_step",
+        "debug_fail_rank",
+        "stop_signals",
+        "dist_timeout_s",
         # where e_ref / latents / embeddings come from: the same values up to float rounding
         # (a resume that switches source warns that it is then not bit-exact)
         "ref_mode",
@@ -236,6 +240,16 @@ class TrainConfig:
     )
     wandb_project: str = _f("snpo", "wandb project (report_to: wandb)")
     progress_bar: bool = _f(True, "tqdm progress bar on rank 0")
+    stop_signals: list[str] = _f(
+        ["SIGTERM", "SIGINT", "SIGUSR1"],
+        "signals that stop the run after the current optimizer step with a checkpoint (exit 8, "
+        "resumable); [] = the default actions",
+    )
+    dist_timeout_s: float = _f(
+        600.0,
+        "seconds a collective waits for the other processes before the run stops naming the "
+        "ranks that fell behind (exit 7)",
+    )
     max_skipped_steps: int = _f(
         20,
         "fp16: consecutive optimizer steps DeepSpeed may skip for a loss-scale overflow before "
@@ -249,6 +263,10 @@ class TrainConfig:
     )
     debug_fail_at_step: int | None = _f(
         None, "test hook: rank 0 alone raises an I/O error at this step (checks that no rank hangs)"
+    )
+    debug_fail_rank: int = _f(0, "test hook: the rank that debug_fail_at_step makes fail")
+    debug_freeze_at_step: int | None = _f(
+        None, "test hook: the last rank stops itself (SIGSTOP) at this step (checks dist_timeout_s)"
     )
 
     # ------------------------------------------------------------------------------------
@@ -513,6 +531,20 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
         )
     if not cfg.learning_rate > 0:
         raise ConfigError(f"learning_rate: must be > 0, got {cfg.learning_rate}")
+    import signal as _signal
+
+    bad_signals = [
+        n
+        for n in cfg.stop_signals
+        if not isinstance(getattr(_signal, str(n), None), _signal.Signals)
+    ]
+    if bad_signals or any(n in ("SIGKILL", "SIGSTOP") for n in cfg.stop_signals):
+        raise ConfigError(
+            f"stop_signals: {bad_signals or cfg.stop_signals} — name catchable signals such as "
+            "SIGTERM, SIGINT, SIGUSR1"
+        )
+    if not cfg.dist_timeout_s > 0:
+        raise ConfigError(f"dist_timeout_s: must be > 0, got {cfg.dist_timeout_s}")
     if cfg.max_grad_norm < 0:
         raise ConfigError(f"max_grad_norm: must be ≥ 0, got {cfg.max_grad_norm}")
     if cfg.weight_decay < 0:

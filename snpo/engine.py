@@ -33,10 +33,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -46,7 +48,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import tag_name
 from .config import ConfigError, TrainConfig
+from .preemption import PREEMPTED_EXIT, Preempted, beat, stale_ranks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_DIR = "checkpoints"
@@ -63,6 +67,10 @@ class ResumeError(RuntimeError):
 
 class ModelLoadError(RuntimeError):
     """The model named by ``model`` could not be loaded (missing files, wrong folder, hub)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
 
 
 class DistributedError(RuntimeError):
@@ -149,7 +157,11 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
 
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=cfg.dist_timeout_s),
+        )
+        release_shm_names()
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -157,6 +169,28 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     return DistInfo(rank, local, world, device)
+
+
+def release_shm_names() -> None:
+    """Unlink this rank's name of DeepSpeed's CPU shared-memory comm buffer
+    (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, ~69 MB) once every rank
+    has mapped every buffer: the mappings stay valid, and nothing is left in /dev/shm when the
+    process ends, however it ends (DeepSpeed never removes them)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() < 2:
+        return
+    torch.distributed.barrier()  # DeepSpeed maps every peer's buffer inside init_distributed
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}"
+    )
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))
+
+
+def is_timeout(err: BaseException) -> bool:
+    """A torch.distributed collective that gave up waiting for a peer."""
+    text = f"{type(err).__name__} {err}".lower()
+    return "timed out" in text or "timeout" in text
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -568,6 +602,7 @@ class Trainer:
         self.cfg = cfg
         self._held = contextlib.ExitStack()  # the output folder's lock, for the whole run
         self.bad_total = 0  # pairs skipped for bad images, over the whole run (checkpointed)
+        self.stop = None  # snpo.preemption.StopRequest while running
 
     # setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -813,20 +848,38 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Every rank writes its DeepSpeed files, every rank hashes its share of them, rank 0
-        writes the checksum file and then ``latest`` (:mod:`snpo.checkpoints`)."""
-        from .checkpoints import digests, my_share, prune, seal, tag_files, tag_name
+        writes the checksum file and then ``latest`` (:mod:`snpo.checkpoints`). A write that
+        fails (a full disk) removes the partial tag and raises :class:`CheckpointWriteError`;
+        ``latest`` and the older tags are untouched."""
+        from .checkpoints import digests, my_share, prune, read_checksums, seal, tag_files
 
         tag, d = tag_name(step), checkpoint_dir(self.cfg)
         state = self.client_state(step)
-        if self.cfg.debug_fail_at_step == step and self.dist.is_main:
-            raise OSError(28, f"No space left on device (debug_fail_at_step {step})")
-        self.engine.save_checkpoint(
-            str(d),
-            tag=tag,
-            client_state=state,
-            save_latest=False,
-            exclude_frozen_parameters=self.models.lora,
-        )
+        if self.dist.is_main:
+            if (d / tag).is_dir() and read_checksums(d / tag) is None:
+                shutil.rmtree(d / tag, ignore_errors=True)  # a save of this step that died
+            self._check_disk_space(d)
+        barrier()
+        try:
+            if self.cfg.debug_fail_at_step == step and self.dist.rank == self.cfg.debug_fail_rank:
+                (d / tag).mkdir(parents=True, exist_ok=True)
+                raise OSError(28, f"No space left on device (debug_fail_at_step {step})")
+            self.engine.save_checkpoint(
+                str(d),
+                tag=tag,
+                client_state=state,
+                save_latest=False,
+                exclude_frozen_parameters=self.models.lora,
+            )
+        except (OSError, RuntimeError) as err:
+            shutil.rmtree(d / tag, ignore_errors=True)
+            free = shutil.disk_usage(d).free if d.is_dir() else 0
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {tag} in {d}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                f"; {free / 2**30:.2f} GiB free there, a checkpoint takes about "
+                f"{self._checkpoint_bytes() / 2**30:.2f} GiB; the partial tag was removed, "
+                f"latest still names {self._last_tag()}"
+            ) from err
         barrier()
         names = tag_files(d / tag)
         mine = digests(d / tag, my_share(names, self.dist.rank, self.dist.world))
@@ -837,8 +890,44 @@ class Trainer:
         if self.dist.is_main:
             files = {k: v for part in parts for k, v in part.items()}
             seal(d, tag, files)
+            self.saved_bytes = sum(v["size"] for v in files.values())
             prune(d, self.cfg.keep_checkpoints, tag)
         barrier()
+
+    def _checkpoint_bytes(self) -> int:
+        """The size of one checkpoint: measured after the first save, else estimated (weights
+        in the training dtype + fp32 master copy and two AdamW moments of what trains, + the
+        frozen weights unless LoRA excludes them)."""
+        if getattr(self, "saved_bytes", 0):
+            return self.saved_bytes
+        params = list(self.engine.module.parameters())
+        n_train = sum(
+            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params if p.requires_grad
+        )
+        n_frozen = sum(p.numel() for p in params if not p.requires_grad)
+        elem = DTYPES[self.cfg.precision].itemsize
+        return n_train * (elem + 12) + (0 if self.models.lora else n_frozen * elem)
+
+    def _check_disk_space(self, d: Path) -> None:
+        """Warn (once) when the disk cannot hold keep_checkpoints + 1 checkpoints: the newest
+        is written before the oldest is pruned."""
+        if getattr(self, "_space_warned", False):
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        keep = self.cfg.keep_checkpoints
+        need = self._checkpoint_bytes() * ((keep + 1) if keep else 1)
+        have = shutil.disk_usage(d).free + sum(
+            f.stat().st_size for f in d.rglob("*") if f.is_file()
+        ) * bool(keep)
+        if have < need:
+            self._space_warned = True
+            warnings.warn(
+                f"{d}: {have / 2**30:.2f} GiB available for checkpoints, but "
+                f"{'keep_checkpoints + 1 = ' + str(keep + 1) if keep else 'one'} checkpoint(s) "
+                f"of about {self._checkpoint_bytes() / 2**30:.2f} GiB need "
+                f"{need / 2**30:.2f} GiB: a save may fail (lower keep_checkpoints or free space)",
+                stacklevel=2,
+            )
 
     def verify_checkpoint(self, folder: Path, tag: str) -> None:
         """Check every file of ``folder/tag`` against its checksum file before DeepSpeed opens
@@ -1134,14 +1223,23 @@ class Trainer:
             )
 
     def run(self) -> dict:
-        with self._held:
-            return self._run()
+        from .preemption import StopRequest
+
+        self.stop = StopRequest()
+        self.stop.install(list(self.cfg.stop_signals))
+        try:
+            with self._held:
+                return self._run()
+        finally:
+            self.stop.close()
 
     def _run(self) -> dict:
         from .data import make_loader
 
         self.setup()
         cfg, dist = self.cfg, self.dist
+        if dist.world > 1:
+            self.stop.watch_launchers()
         self.bad_resumed = 0
         self.data_offset = 0
         start = self.resume()
@@ -1192,6 +1290,9 @@ class Trainer:
                     sums += _metric_vector(metrics, sums)
                     if m == accum - 1:  # the boundary: one host sync and one collective
                         own_norm = self._norm_and_clip()
+                        self._debug_freeze(step)
+                        if dist.world > 1:
+                            beat(cfg.output_dir, dist.rank, step)
                         self._check_before_step(bad_loss, own_norm, sums, step)
                     skipped_before = self._skipped_steps()
                     self.engine.step()
@@ -1221,7 +1322,8 @@ class Trainer:
                     )
                 sums = sums.cpu()
                 sums[METRIC_SLOTS - 1] = self.bad_total
-                all_reduce(sums)
+                sums[METRIC_SLOTS - 2] = float(self.stop.reason is not None)
+                all_reduce(sums)  # also how every rank learns that one was asked to stop
                 sums = sums.tolist()  # the one read of this step's metrics
                 dt = time.perf_counter() - t0
                 last_record = _record(sums, step, self.order.position(self.data_step(step) - 1)[0])
@@ -1237,8 +1339,17 @@ class Trainer:
                 if torch.cuda.is_available() and dist.device.type == "cuda":
                     last_record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 logger.log(last_record)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                saved = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                if saved:
                     self.save(step)
+                if sums[METRIC_SLOTS - 2] > 0:  # some rank was asked to stop: all stop here
+                    if not saved:
+                        self.save(step)
+                    why = self.stop.reason or "another process was asked to stop"
+                    raise Preempted(
+                        f"{why}: stopped after step {step} with checkpoint {tag_name(step)} "
+                        f"written; run the same command again to resume (exit {PREEMPTED_EXIT})"
+                    )
                 if cfg.debug_hang_at_step is not None and step == cfg.debug_hang_at_step:
                     logger.message(f"debug: hanging after step {step} (debug_hang_at_step)")
                     time.sleep(3600)
@@ -1247,6 +1358,21 @@ class Trainer:
             if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) and step > start:
                 self.save(step)
             out = self.export(step, final=True)
+        except (Preempted, NonFiniteError):
+            raise
+        except Exception as err:  # noqa: BLE001 - only timeouts are re-worded
+            if dist.world > 1 and is_timeout(err):
+                behind = stale_ranks(cfg.output_dir, dist.world, step)
+                raise DistributedError(
+                    f"rank {dist.rank}: a collective at step {step} timed out after "
+                    f"{cfg.dist_timeout_s:g} s (dist_timeout_s): "
+                    + (
+                        f"{', '.join(behind)} stopped answering"
+                        if behind
+                        else "no rank is behind this one (a peer failed inside the step)"
+                    )
+                ) from err
+            raise
         finally:
             logger.close()
             with contextlib.suppress(Exception):
@@ -1260,6 +1386,13 @@ class Trainer:
 
         tags = complete_tags(checkpoint_dir(self.cfg))
         return tags[-1] if tags else "none"
+
+    def _debug_freeze(self, step: int) -> None:
+        """Test hook: the last rank stops itself (SIGSTOP) at ``debug_freeze_at_step``."""
+        if self.cfg.debug_freeze_at_step == step and self.dist.rank == self.dist.world - 1:
+            import signal as _signal
+
+            os.kill(os.getpid(), _signal.SIGSTOP)
 
     def _norm_and_clip(self) -> torch.Tensor | None:
         """ZeRO-0 fp32 (:func:`clips_itself`): the global gradient norm as a device tensor, in
@@ -1304,13 +1437,13 @@ class Trainer:
         return float(g.item() if isinstance(g, torch.Tensor) else g)
 
 
-METRIC_SLOTS = 11
+METRIC_SLOTS = 12
 
 
 def _metric_vector(m: dict, like: torch.Tensor) -> torch.Tensor:
     """The sums over micro-batches (and ranks) of one micro-batch, on ``like``'s device with no
     host synchronisation: loss·P, P, acc_c·n_c, n_c, acc_u·n_u, n_u, logp·P, mse_policy·P,
-    mse_ref·P, micro-batches, and a slot the loop fills with the bad-image count."""
+    mse_ref·P, micro-batches, and two slots the loop fills: stop requested, bad images."""
 
     def g(k):
         v = m.get(k)
@@ -1332,6 +1465,7 @@ def _metric_vector(m: dict, like: torch.Tensor) -> torch.Tensor:
             g("mse_policy") * p,
             g("mse_ref") * p,
             one,
+            torch.zeros_like(one),
             torch.zeros_like(one),
         ]
     )

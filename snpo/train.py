@@ -15,7 +15,10 @@ Options: docs/trainer.md (or ``--help``). Exit codes (one line on stderr says wh
        output_dir holds another run or is in use by another process
     5  the model could not be loaded
     6  an I/O error (disk full, permissions) — the last complete checkpoint is intact
-    7  torch.distributed / DeepSpeed failed, or another process of the run failed
+    7  torch.distributed / DeepSpeed failed, a collective timed out (the line names the ranks
+       that stopped answering), or another process of the run failed
+    8  preempted: a stop signal (SIGTERM, SIGINT, SIGUSR1) or the launcher's exit; a checkpoint
+       was written after the current step, and the same command resumes exactly
 """
 
 from __future__ import annotations
@@ -79,8 +82,9 @@ EXIT_CODES = {
     "DistributedError": 7,
     "PeerFailed": 7,
     "DistBackendError": 7,
+    "Preempted": 8,
 }
-PREFIX = {2: "", 3: "stopped: ", 4: "refused: ", 5: "", 6: "I/O error: ", 7: ""}
+PREFIX = {2: "", 3: "stopped: ", 4: "refused: ", 5: "", 6: "I/O error: ", 7: "", 8: "preempted: "}
 
 
 def classify(err: BaseException) -> tuple[int, str]:
