@@ -20,6 +20,13 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
+#include <torch/version.h>
+
+// current_stream() below uses c10::Stream::native_handle(), which torch has since 2.11.
+#if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR) && \
+    (TORCH_VERSION_MAJOR * 100 + TORCH_VERSION_MINOR) < 211
+#error "the snpo CUDA backend needs torch >= 2.11 (c10::Stream::native_handle); use backend='triton' or 'torch' with older torch"
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -77,7 +84,8 @@ snpo::DType companion_dtype(const at::Tensor& t, const char* name, const at::Ten
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-// The current CUDA stream of `device` as an opaque cudaStream_t, without CUDA headers.
+// The current CUDA stream of `device` as an opaque cudaStream_t, without CUDA headers
+// (c10::Stream::native_handle(): torch >= 2.11, checked above).
 void* current_stream(const at::Device& device) {
   const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
   return impl.getStream(device).native_handle();
@@ -186,8 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   p.ref_dtype = rd;
   p.num_pairs = num_pairs;
   p.n = n;
-  p.beta = static_cast<float>(beta);
-  p.lam = static_cast<float>(lam);
+  p.beta = beta;  // double: the launcher decides λ < 1 and the logs in double
+  p.lam = lam;
   p.reduction = static_cast<snpo::Reduction>(reduction);
   p.vectorized = n % snpo::vector_width(pd) == 0 && aligned16(p.pred) && aligned16(p.target) &&
                  (p.ref_pred == nullptr || aligned16(p.ref_pred));

@@ -82,8 +82,9 @@ struct ForwardParams {
   DType ref_dtype;       // ignored without ref_pred
   int64_t num_pairs;     // P
   int64_t n;             // elements per sample
-  float beta;            // > 0
-  float lam;             // (0, 1]
+  double beta;           // > 0 (the kernels use β/2 in float32)
+  double lam;            // (0, 1]; kept in double: λ < 1 and log λ, log(1 − λ) are decided in
+                         // double (a λ within 2⁻²⁵ of 1 is 1.0f but still bounds m̃_b)
   Reduction reduction;
   bool vectorized;       // every base pointer 16-byte aligned and n % vector_width == 0
   Plan plan;

@@ -7,8 +7,10 @@
 //      16-byte vector loads when every row start is aligned, and writes ONE partial per row
 //      and split (no atomics).
 //   2. finalize_kernel: one block; e(i) = Σ_s partial[i, s] / n in a fixed order, then per
-//      pair the margins, the bounded margin (stable two-term log-sum-exp), the softplus loss,
-//      the per-sample gradient coefficients c_i, and a fixed-order block reduction of the loss.
+//      pair (pair_math.h) the margins, the bounded margin (direct form −log1p(λ·expm1(−m_b))
+//      near m_b = 0, else the two-term log-sum-exp: the branch rule of every backend), the
+//      softplus loss, the per-sample gradient coefficients c_i, and a fixed-order block
+//      reduction of the loss.
 // Backward, one launch: grad[i, j] = c_i · scale · grad_loss[k(i)] · 2/n · (pred − target),
 // in pred's dtype, grad_loss read on the device (no host synchronisation anywhere).
 //
@@ -22,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "pair_math.h"
 #include "preference_loss.h"
 
 namespace snpo {
@@ -135,18 +138,8 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return v;
 }
 
-// ------------------------------------------------------------------ stable scalar math
-// softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^{−|x|}); NaN propagates.
-__device__ __forceinline__ float softplus_f(float x) {
-  return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x)));
-}
-
-// σ(x) without overflow for either sign.
-__device__ __forceinline__ float sigmoid_f(float x) {
-  if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-  const float e = expf(x);
-  return e / (1.0f + e);
-}
+// The per-pair scalar math (margins, bounded margin, softplus loss, coefficients) lives in
+// pair_math.h as __host__ __device__ functions, so that a host test runs the same code.
 
 // ------------------------------------------------------------------ kernel 1: partial errors
 template <typename TP, typename TT, typename TR, bool kHasRef>
@@ -218,7 +211,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const float* __restrict__ part_theta, const float* __restrict__ part_ref,
                     const float* __restrict__ ref_err, int64_t splits, int64_t num_pairs,
                     int64_t n, const uint8_t* __restrict__ swap, const float* __restrict__ weight,
-                    float half_beta, bool bounded, float log_lam, float log_rest, int reduction,
+                    float half_beta, bool bounded, float lam, float log_lam, float log_rest,
+                    int reduction,
                     float* __restrict__ e_theta, float* __restrict__ e_ref,
                     float* __restrict__ coef, float* __restrict__ loss) {
   __shared__ float smem[kFinalizeThreads / 32];
@@ -247,25 +241,11 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     const int64_t a = swapped ? num_pairs + k : k;
     const int64_t b = swapped ? k : num_pairs + k;
     const float w = weight != nullptr ? weight[k] : 1.0f;
-    const float m_a = w * (e_theta[a] - e_ref[a]);
-    const float m_b = w * (e_theta[b] - e_ref[b]);
-    float mt_b = m_b;  // bounded margin m̃_b
-    float s_b = 1.0f;  // ∂m̃_b/∂m_b
-    if (bounded) {
-      // m̃_b = −log(λe^{−m_b} + 1 − λ) = −logaddexp(log λ − m_b, log(1 − λ)); ternaries (not
-      // fmaxf) so that a NaN margin stays NaN.
-      const float u = log_lam - m_b;
-      const float v = log_rest;
-      const float hi = u > v ? u : v;
-      const float lo = u > v ? v : u;
-      mt_b = -(hi + log1pf(expf(lo - hi)));
-      s_b = sigmoid_f(u - v);
-    }
-    const float neg_z = half_beta * (m_a - mt_b);  // −z_k
-    const float l = softplus_f(neg_z);             // ℓ_k = −log σ(z_k)
-    const float g = sigmoid_f(neg_z) * half_beta * w;
-    coef[a] = g;
-    coef[b] = -g * s_b;
+    const math::PairTerms t = math::pair_terms(e_theta[a], e_ref[a], e_theta[b], e_ref[b], w,
+                                               half_beta, bounded, lam, log_lam, log_rest);
+    const float l = t.loss;
+    coef[a] = t.coef_a;
+    coef[b] = t.coef_b;
     if (reduction == static_cast<int>(Reduction::kNone)) {
       loss[k] = l;
     } else {
@@ -450,15 +430,13 @@ Status preference_forward(const ForwardParams& p, void* stream_handle) {
   }
   if (!st.ok()) return st;
 
-  const bool bounded = p.lam < 1.0f;
-  const double lam = static_cast<double>(p.lam);
-  const float log_lam = bounded ? static_cast<float>(std::log(lam)) : 0.0f;
-  const float log_rest = bounded ? static_cast<float>(std::log1p(-lam)) : 0.0f;
+  // β, λ arrive in double; whether to bound and log λ, log(1 − λ) are decided in double.
+  const math::LossScalars sc = math::loss_scalars(p.beta, p.lam);
   const int64_t blocks = rows * p.plan.splits;
   finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(
       p.workspace, p.workspace + blocks, p.ref_err, p.plan.splits, p.num_pairs, p.n, p.swap,
-      p.weight, 0.5f * p.beta, bounded, log_lam, log_rest, static_cast<int>(p.reduction),
-      p.e_theta, p.e_ref, p.coef, p.loss);
+      p.weight, sc.half_beta, sc.bounded, sc.lam, sc.log_lam, sc.log_rest,
+      static_cast<int>(p.reduction), p.e_theta, p.e_ref, p.coef, p.loss);
   return cuda_status(cudaGetLastError(), "launch of finalize_kernel");
 }
 

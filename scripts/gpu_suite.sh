@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine is for, in one call: an environment report, the backends
-# loaded (the CUDA extension JIT-builds here on first use), `pytest tests -m gpu`, the kernel
-# benchmark suite `pytest benchmarks`, and its plot. Results and logs go to $OUT:
+# Everything a lent GPU machine is for, in one call, most telling first:
+#   1. smoke      scripts/gpu_smoke.py: builds the CUDA extension (JIT, visible GPU's arch
+#                 only), then one forward/backward per backend (torch, triton, cuda) in bf16
+#                 and fp32 at β = 5000 against the float64 reference: "are the kernels right"
+#                 even when the device is lent for a few minutes only
+#   2. env        nvidia-smi, versions
+#   3. tests      pytest tests -m gpu, without the compute-sanitizer runs
+#   4. sanitizer  the compute-sanitizer runs (memcheck, racecheck), own stage and budget
+#   5. bench      pytest benchmarks, and its plot
+# Results and logs go to $OUT:
 #
-#   suite.log              environment, backend availability, each stage's exit status and time
-#   tests-gpu.log          pytest tests -m gpu
+#   suite.log              each stage's exit status and time, the smoke lines, environment
+#   smoke.log              scripts/gpu_smoke.py
+#   tests-gpu.log          pytest tests -m gpu (sanitizer deselected)
+#   sanitizer.log          the compute-sanitizer tests
 #   bench.log              pytest benchmarks (pytest-benchmark tables included)
 #   <device>-<date>.json   every row, versions, copy bandwidth, targets   (benchmarks/report.py)
 #   <device>-<date>.md     the same as tables
@@ -23,8 +32,10 @@
 # Every stage is bounded by `timeout` inside an overall budget (the device allows 600 s per
 # command); a stage that fails does not stop the next one. Knobs:
 #   SNPO_SUITE_BUDGET_S  overall seconds (default 560)
+#   SNPO_SMOKE_S         cap of the smoke stage (default 120: the checks take seconds; the rest
+#                        is a cold JIT build of the extension, cached in TORCH_EXTENSIONS_DIR)
 #   SNPO_GPU_TESTS=0     skip `pytest tests -m gpu`         SNPO_TESTS_S   its cap (default 150)
-#   SNPO_BACKENDS_S      cap of the backend-loading stage (default 300; includes the JIT build)
+#   SNPO_SANITIZER=0     skip the compute-sanitizer stage   SNPO_SANITIZER_S its cap (default 120)
 #   SNPO_BENCH_GRID      full (default on a GPU) | quick    SNPO_BENCH_PROVIDERS  e.g. eager,cuda
 #   SNPO_BENCH_TRAINER=none  skip the trainer-step rows   SNPO_BENCH_TRAINER_BUDGET_S (default 150)
 #   PYTHON               interpreter (default python3)
@@ -83,6 +94,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   fi
 fi
 
+# ---- smoke: build + one forward/backward per backend and dtype (first: answers soonest) ---
+# Backends in the order torch, triton, cuda, one flushed line each, so that a smoke stage cut
+# short by its cap still reports the ones before.
+run_stage smoke "${SNPO_SMOKE_S:-120}" "$OUT/smoke.log" "$PY" scripts/gpu_smoke.py
+rc=$?
+grep -E "^(smoke|SMOKE)" "$OUT/smoke.log" | tee -a "$LOG"
+[ $rc -eq 1 ] && say "smoke: A KERNEL DISAGREES WITH THE REFERENCE (see above)"
+
 # ---- environment ---------------------------------------------------------------------------
 {
   echo "== nvidia-smi"
@@ -109,32 +128,24 @@ PYEOF
 } >>"$LOG" 2>&1
 say "environment written to $LOG"
 
-# ---- backends (the CUDA extension JIT-builds on its first availability check) --------------
-run_stage backends "${SNPO_BACKENDS_S:-300}" "$LOG" "$PY" - <<'PYEOF'
-import time, torch
-from snpo_kernels.dispatch import backend_availability
-dev = torch.device("cuda")
-for name in ("torch", "triton", "cuda"):
-    for dtype in (torch.bfloat16, torch.float32):
-        t0 = time.perf_counter()
-        try:
-            why = backend_availability(name, dev, dtype)
-        except Exception as err:
-            why = f"error: {type(err).__name__}: {err}"
-        print(f"backend {name:6s} {str(dtype):15s} {'AVAILABLE' if why is None else 'unavailable: ' + why}"
-              f"  ({time.perf_counter() - t0:.1f}s)")
-PYEOF
-grep "^backend " "$LOG" || true
-
-# ---- GPU tests -----------------------------------------------------------------------------
+# ---- GPU tests (compiled Triton: `-m gpu` alone selects it, see tests/conftest.py) ---------
 if [ "${SNPO_GPU_TESTS:-1}" != "0" ]; then
   run_stage tests "${SNPO_TESTS_S:-150}" "$OUT/tests-gpu.log" \
-    "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
+    "$PY" -m pytest tests -m gpu -k "not compute_sanitizer" -q -p no:cacheprovider
   rc=$?
   [ $rc -eq 5 ] && say "tests: no test is marked gpu"
   tail -n 15 "$OUT/tests-gpu.log"
 else
   say "tests: skipped (SNPO_GPU_TESTS=0)"
+fi
+
+# ---- compute-sanitizer (memcheck, racecheck: slow, so after the tests, with their own cap) --
+if [ "${SNPO_SANITIZER:-1}" != "0" ]; then
+  run_stage sanitizer "${SNPO_SANITIZER_S:-120}" "$OUT/sanitizer.log" \
+    "$PY" -m pytest tests/kernels/test_cuda.py -m gpu -k compute_sanitizer -q -p no:cacheprovider
+  tail -n 8 "$OUT/sanitizer.log"
+else
+  say "sanitizer: skipped (SNPO_SANITIZER=0)"
 fi
 
 # ---- benchmarks ----------------------------------------------------------------------------

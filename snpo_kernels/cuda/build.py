@@ -9,9 +9,13 @@ Nothing here runs nvcc; only the builders, when asked to build, hand the sources
 Environment:
     SNPO_BUILD_CUDA    0 / 1 / auto (default): skip, force (error when impossible), or build
                        when a CUDA toolkit and a CUDA build of torch are both there.
-    SNPO_CUDA_ARCHS    architectures, e.g. "8.0;9.0a" or "sm_80 sm_90a" or "8.0;9.0+PTX";
-                       falls back to TORCH_CUDA_ARCH_LIST, then to DEFAULT_ARCHS ("native" =
-                       the visible GPUs, JIT build only).
+    SNPO_CUDA_ARCHS    architectures, e.g. "8.0;9.0a" or "sm_80 sm_90a" or "8.0;9.0+PTX".
+                       Ahead-of-time build (setup.py): falls back to TORCH_CUDA_ARCH_LIST,
+                       then to DEFAULT_ARCHS. JIT build on first use: falls back to the
+                       visible GPUs ("native"); TORCH_CUDA_ARCH_LIST is not used there (images
+                       often set it for their own torch build, e.g. with 7.0, which nvcc 13
+                       rejects). Either way, architectures the installed nvcc does not
+                       support (`nvcc --list-gpu-arch`) are dropped with one warning line.
     MAX_JOBS           parallel compile jobs (torch's ninja build; also caps nvcc --threads).
     SNPO_CUDA_JIT      0 disables the JIT build on first use (default 1).
     SNPO_CSRC_DIR      where the JIT build finds csrc/ (default: the source checkout).
@@ -23,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,7 +44,10 @@ DEFAULT_ARCHS = "8.0;9.0+PTX"
 EXTENSION_NAME = "snpo_kernels.cuda._C"  # built by setup.py
 JIT_NAME = "snpo_cuda_jit"  # built on first use by torch.utils.cpp_extension.load
 SOURCES = ("binding.cpp", "preference_loss_kernels.cu")  # in csrc/
-HEADERS = ("preference_loss.h",)
+HEADERS = ("preference_loss.h", "pair_math.h")
+# The CUDA backend binds the current stream through c10::Stream::native_handle(), which the
+# torch headers have since 2.11 (binding.cpp checks the same at compile time).
+MIN_TORCH = (2, 11)
 # The flags torch's build helpers add to every nvcc call (torch.utils.cpp_extension); the
 # compile test uses the same so that it checks what a real build compiles.
 TORCH_COMMON_NVCC_FLAGS = (
@@ -201,6 +209,83 @@ def covers(archs: list[Arch], capability: tuple[int, int]) -> bool:
     return False
 
 
+def nvcc_supported_archs(
+    nvcc: str | None, run: Callable[..., subprocess.CompletedProcess] = subprocess.run
+) -> frozenset[tuple[int, int]] | None:
+    """The (major, minor) of every ``compute_XY`` that ``nvcc --list-gpu-arch`` names (what
+    this nvcc can compile for; "a"/"f" variants count with their base), or None when nvcc is
+    absent or too old to say (then nothing is filtered)."""
+    if nvcc is None:
+        return None
+    try:
+        res = run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.findall(r"compute_(\d+)(?:[af])?\b", res.stdout or "")
+    if res.returncode != 0 or not found:
+        return None
+    return frozenset((int(d[:-1]), int(d[-1])) for d in found)
+
+
+def supported_arch_list(
+    archs: list[Arch],
+    supported: frozenset[tuple[int, int]] | None,
+    source: str,
+    log: Callable[[str], None] | None = None,
+) -> list[Arch]:
+    """``archs`` without the ones the installed nvcc cannot compile for, saying so in one
+    warning line. A dropped architecture newer than everything nvcc supports is replaced by
+    PTX of the newest supported one below it (the driver JIT-compiles that). Raises
+    CudaBuildError when nothing is left."""
+    if supported is None:
+        return list(archs)
+    kept: list[Arch] = []
+    dropped: list[Arch] = []
+    for a in archs:
+        if (a.major, a.minor) in supported:
+            if a not in kept:
+                kept.append(a)
+            continue
+        dropped.append(a)
+        below = [cap for cap in supported if cap < (a.major, a.minor)]
+        if (a.major, a.minor) > max(supported) and below:
+            ptx = Arch(*max(below), ptx=True)
+            if ptx not in kept:
+                kept.append(ptx)
+    have = ", ".join(f"{m}.{n}" for m, n in sorted(supported))
+    if not kept:
+        raise CudaBuildError(
+            f"none of the CUDA architectures {';'.join(map(str, archs))} ({source}) is "
+            f"supported by the installed nvcc (it compiles for {have}); set {ARCH_ENV}"
+        )
+    if dropped:
+        (log or _warn)(
+            f"WARNING: dropping CUDA architecture(s) {';'.join(map(str, dropped))} from "
+            f"{source}: the installed nvcc does not support them (it compiles for {have}); "
+            f"building for {';'.join(map(str, kept))}"
+        )
+    return kept
+
+
+def _warn(msg: str) -> None:
+    print(f"[snpo] {msg}", file=sys.stderr)
+
+
+def torch_version_problem(version: str | None) -> str | None:
+    """None if this torch can build the CUDA backend, else why not (torch ≥ MIN_TORCH)."""
+    if not version:
+        return None
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) >= MIN_TORCH:
+        return None
+    need = ".".join(map(str, MIN_TORCH))
+    return (
+        f"the CUDA backend needs torch >= {need} (the binding uses c10::Stream::native_handle(), "
+        f"new in torch {need}); this torch is {version}: upgrade torch, or use "
+        "backend='triton' / 'torch'"
+    )
+
+
 def arch_token(archs: list[Arch]) -> str:
     """The arch list as one identifier (shell- and ninja-safe) for -DSNPO_CUDA_ARCHS=...:
     "8.0;9.0a;9.0+PTX" → "sm80_sm90a_sm90_ptx90". The module exposes it as ``archs``."""
@@ -255,12 +340,14 @@ def decide_cuda_build(
     nvcc_path: str | None,
     torch_cuda_version: str | None,
     torch_error: str | None = None,
+    torch_version: str | None = None,
 ) -> tuple[bool, str]:
     """(build the extension?, why) from the settings and what was found.
 
     torch_cuda_version is ``torch.version.cuda`` (None for a CPU build); torch_error is why
-    torch could not be imported in the build environment, if it could not. Raises
-    CudaBuildError when SNPO_BUILD_CUDA=1 asks for the impossible.
+    torch could not be imported in the build environment, if it could not; torch_version is
+    ``torch.__version__`` (the binding needs torch >= MIN_TORCH). Raises CudaBuildError when
+    SNPO_BUILD_CUDA=1 asks for the impossible.
     """
     mode = build_mode(env)
     if mode == "0":
@@ -273,6 +360,8 @@ def decide_cuda_build(
         )
     elif torch_cuda_version is None:
         problems.append("the installed torch is a CPU build (torch.version.cuda is None)")
+    elif torch_version_problem(torch_version) is not None:
+        problems.append(torch_version_problem(torch_version))
     if nvcc_path is None:
         problems.append(
             "no CUDA toolkit found (no nvcc in $CUDA_HOME/bin, on PATH or in /usr/local/cuda/bin)"
@@ -313,20 +402,23 @@ def setup_kwargs(
     if mode == "0":
         log(decide_cuda_build(env, None, None)[1])
         return {}
-    torch_cuda, torch_error = None, None
+    torch_cuda, torch_error, torch_version = None, None, None
     try:
         import torch
         from torch.utils import cpp_extension
     except Exception as err:  # ImportError under build isolation, or a broken install
         torch_error = f"{type(err).__name__}: {err}"
     else:
-        torch_cuda = torch.version.cuda
-    ok, reason = decide_cuda_build(env, find_nvcc(env), torch_cuda, torch_error)
+        torch_cuda, torch_version = torch.version.cuda, torch.__version__
+    nvcc = find_nvcc(env)
+    ok, reason = decide_cuda_build(env, nvcc, torch_cuda, torch_error, torch_version)
     log(reason)
     if not ok:
         return {}
     text, source = select_arch_list(env)
-    archs = parse_arch_list(text, source)
+    archs = supported_arch_list(
+        parse_arch_list(text, source), nvcc_supported_archs(nvcc), source, log
+    )
     log(f"CUDA architectures ({source}): {';'.join(str(a) for a in archs)}")
     csrc = Path(root) / "csrc"
     ext = cpp_extension.CUDAExtension(
@@ -375,13 +467,19 @@ def csrc_dir(env: Mapping[str, str] | None = None) -> Path | None:
 
 
 def jit_unavailable_reason(
-    env: Mapping[str, str], torch_cuda_version: str | None, nvcc_path: str | None
+    env: Mapping[str, str],
+    torch_cuda_version: str | None,
+    nvcc_path: str | None,
+    torch_version: str | None = None,
 ) -> str | None:
     """None if a JIT build can be attempted, else why not (one clause)."""
     if not jit_enabled(env):
         return f"the JIT build is disabled ({JIT_ENV}=0)"
     if torch_cuda_version is None:
         return "no JIT build possible: the installed torch is a CPU build"
+    too_old = torch_version_problem(torch_version)
+    if too_old is not None:
+        return f"no JIT build possible: {too_old}"
     if nvcc_path is None:
         return "no JIT build possible: nvcc not found (set CUDA_HOME or put nvcc on PATH)"
     if csrc_dir(env) is None:
@@ -392,13 +490,19 @@ def jit_unavailable_reason(
     return None
 
 
-def jit_arch_list(env: Mapping[str, str], capabilities: list[tuple[int, int]]) -> list[Arch]:
-    """SNPO_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST when set (and not "native"), else the visible
-    devices' own architectures."""
-    text, source = select_arch_list(env, default="native")
-    if text.strip().lower() == "native":
+def jit_arch_list(
+    env: Mapping[str, str],
+    capabilities: list[tuple[int, int]],
+    supported: frozenset[tuple[int, int]] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[Arch]:
+    """SNPO_CUDA_ARCHS when set (and not "native"), else the visible devices' own
+    architectures; TORCH_CUDA_ARCH_LIST is ignored here (module docstring). Then without
+    what the installed nvcc does not support (``supported``, see :func:`supported_arch_list`)."""
+    text, source = env.get(ARCH_ENV, "").strip(), ARCH_ENV
+    if not text or text.lower() == "native":
         text, source = native_arch_list(capabilities), "the visible devices"
-    return parse_arch_list(text, source)
+    return supported_arch_list(parse_arch_list(text, source), supported, source, log)
 
 
 def jit_build(verbose: bool = False, env: Mapping[str, str] | None = None):
@@ -412,7 +516,11 @@ def jit_build(verbose: bool = False, env: Mapping[str, str] | None = None):
     if src is None:
         raise CudaBuildError(jit_unavailable_reason(env, "?", "?") or "csrc/ not found")
     caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    archs = jit_arch_list(env, caps)
+    from torch.utils import cpp_extension
+
+    home = getattr(cpp_extension, "CUDA_HOME", None)  # the toolkit load() will compile with
+    nvcc = os.path.join(home, "bin", "nvcc") if home else find_nvcc(env)
+    archs = jit_arch_list(env, caps, nvcc_supported_archs(nvcc))
     return load(
         name=JIT_NAME,
         sources=[str(src / s) for s in SOURCES],

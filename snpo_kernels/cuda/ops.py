@@ -39,6 +39,15 @@ _state: dict = {"module": None, "error": None, "registered": False}
 _arch_verdicts: dict[tuple[int, int], str | None] = {}  # (id(module), device index) → why not
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo when this
+    module is imported (seconds): the same marker, which Dynamo reads when it meets a call of
+    ``fn`` while tracing and then calls ``fn`` eagerly, baking the result into the graph.
+    tests/kernels/test_cuda_build.py checks that the marker is the one torch sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 class ExtensionUnavailableError(ImportError):
     """The compiled ops are not there and cannot be built here."""
 
@@ -51,9 +60,23 @@ def loaded() -> bool:
 def extension_error() -> str | None:
     """None when the ops are usable, else why not. The first call loads the installed
     extension, or JIT-compiles it (minutes, once; cached in TORCH_EXTENSIONS_DIR); a failure
-    is remembered for the rest of the process."""
+    is remembered for the rest of the process.
+
+    Safe under ``torch.compile(fullgraph=True)``: the answer, once known, is read without the
+    lock, and the first resolution (which takes the lock) is an assumed-constant call that
+    Dynamo runs eagerly, outside the traced region, instead of tracing into the lock."""
     if _state["module"] is not None:
         return None
+    if _state["error"] is not None:
+        return _state["error"]
+    return _resolve_extension()
+
+
+@_assume_constant_result
+def _resolve_extension() -> str | None:
+    """Load (or JIT-build) the extension once per process, under the lock; → extension_error's
+    answer. Marked assume_constant_result: under tracing Dynamo calls it eagerly and bakes the
+    answer into the graph (it never changes afterwards within a process)."""
     with _lock:
         if _state["module"] is None and _state["error"] is None:
             try:
@@ -73,8 +96,16 @@ def compiled_archs() -> list[build.Arch] | None:
 
 def arch_error(device: torch.device) -> str | None:
     """None if the loaded kernels can run on ``device``'s GPU (or the build did not say),
-    else why not. Decided once per (extension, device); later calls are a dict lookup."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    else why not. Decided once per (extension, device); later calls are a dict lookup.
+    Queries the device (torch.cuda) only eagerly: under tracing it is an assumed-constant
+    call, like :func:`extension_error`."""
+    return _arch_verdict(device.index)
+
+
+@_assume_constant_result
+def _arch_verdict(index: int | None) -> str | None:
+    if index is None:
+        index = torch.cuda.current_device()
     key = (id(_state["module"]), index)
     if key in _arch_verdicts:
         return _arch_verdicts[key]
@@ -85,8 +116,9 @@ def arch_error(device: torch.device) -> str | None:
         if not build.covers(archs, cap):
             built = ", ".join(str(a) for a in archs)
             why = (
-                f"the snpo CUDA extension was compiled for {built} but {device} has compute "
-                f"capability {cap[0]}.{cap[1]}; rebuild it with SNPO_CUDA_ARCHS={cap[0]}.{cap[1]}"
+                f"the snpo CUDA extension was compiled for {built} but cuda:{index} has "
+                f"compute capability {cap[0]}.{cap[1]}; rebuild it with "
+                f"SNPO_CUDA_ARCHS={cap[0]}.{cap[1]}"
             )
     _arch_verdicts[key] = why
     return why
@@ -105,7 +137,9 @@ def _load_module():
     except ImportError as err:
         installed = f"{build.EXTENSION_NAME} cannot be imported ({err})"
     env = os.environ
-    why = build.jit_unavailable_reason(env, torch.version.cuda, build.find_nvcc(env))
+    why = build.jit_unavailable_reason(
+        env, torch.version.cuda, build.find_nvcc(env), torch.__version__
+    )
     if why is not None:
         raise ExtensionUnavailableError(f"{NOT_BUILT}: {installed}; {why}")
     verbose = env.get(JIT_VERBOSE_ENV, "0").strip().lower() not in ("", "0", "false", "no")

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..reference import preference_loss_reference
 from ..validation import LossInputs
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -36,7 +37,16 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def run(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ (loss float32, e_theta, e_ref (2P,) float32, detached); loss differentiable w.r.t. pred."""
+    """→ (loss float32, e_theta, e_ref (2P,) float32, detached); loss differentiable w.r.t. pred.
+
+    float64 anywhere among target / ref_pred / ref_err: the contract then accumulates in
+    float64 and returns a float64 loss (docs/objectives.md), which the kernels do not do, so
+    the PyTorch reference runs instead, as in the CUDA backend (float64 pred is refused by
+    availability())."""
+    if any(t is not None and t.dtype == torch.float64 for t in (x.target, x.ref_pred, x.ref_err)):
+        return preference_loss_reference(
+            x.pred, x.target, x.ref_pred, x.ref_err, x.swap, x.weight, x.beta, x.lam, x.reduction
+        )
     from .op import triton_preference_loss
 
     loss, e_theta, e_ref, _ = triton_preference_loss(

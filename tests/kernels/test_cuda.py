@@ -315,6 +315,26 @@ def test_no_host_synchronisation_and_cuda_graph_capture():
     assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
 
 
+def _smoke():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "scripts" / "gpu_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_smoke"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("n", [1027, 16384])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_large_beta_near_zero_margins_match_float64(dtype, n):
+    """β = 5000, λ = 0.9 where every run starts (policy ≈ reference, m_b ≈ 0): the bounded
+    margin's direct form keeps the loss within ~1e-6 of float64 (the log-sum-exp alone was
+    off by 2–3e-5). Tolerances from the condition number: scripts/gpu_smoke.py."""
+    res = _smoke().check("cuda", dtype, torch.device("cuda"), 8, n)
+    assert res.status == "OK", res.detail
+
+
 def test_torch_compile_fullgraph():
     from snpo_kernels.cuda import backend
 
@@ -332,6 +352,31 @@ def test_torch_compile_fullgraph():
     l2.backward()
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(p1.grad, p2.grad)
+
+
+def test_auto_backend_under_fullgraph_compile_in_a_fresh_process():
+    """The first call of a fresh process inside torch.compile(fullgraph=True) with
+    backend="auto": resolving the backend must not trace into the extension's load lock."""
+    code = textwrap.dedent(
+        """
+        import torch, snpo_kernels as sk
+        g = torch.Generator().manual_seed(0)
+        t = torch.randn(8, 256, generator=g).cuda()
+        r = t + 0.1 * torch.randn(8, 256, generator=g).cuda()
+        f = lambda p: sk.preference_loss(p, t, r, beta=5000.0, lam=0.9)
+        p = (r + 0.01).requires_grad_(True)
+        loss = torch.compile(f, fullgraph=True)(p)
+        loss.backward()
+        torch.testing.assert_close(loss, f(p.detach()))
+        print("COMPILED OK")
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert res.returncode == 0 and "COMPILED OK" in res.stdout, res.stderr[-4000:]
 
 
 def test_binding_rejects_bad_inputs_with_clear_messages():

@@ -313,3 +313,196 @@ def test_importing_the_backend_does_not_initialise_cuda():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
+
+
+# ------------------------------------------------------------------ torch.compile, CUDA metadata
+def _trace(fn, *args):
+    """fn compiled with fullgraph=True (graph captured, run eagerly by the graph module)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    out = torch.compile(fn, fullgraph=True, backend=capture)(*args)
+    torch._dynamo.reset()
+    return out, graphs
+
+
+@pytest.mark.parametrize("tried_before", [False, True])
+def test_auto_resolves_under_fullgraph_tracing_with_cuda_metadata(no_extension, tried_before):
+    """Backend "auto" for a CUDA device inside torch.compile(fullgraph=True), in a fresh
+    process (nothing tried yet) and after a failed load: the availability check must not
+    trace into its lock (Dynamo: "Unsupported context manager")."""
+    if tried_before:
+        assert ops.extension_error() is not None
+
+    def f(x):
+        name = sk.resolve_backend("auto", torch.device("cuda", 0), x.dtype)
+        return x + (1.0 if name == "torch" else 2.0 if name == "triton" else 3.0)
+
+    x = torch.zeros(3)
+    out, graphs = _trace(f, x)
+    assert len(graphs) == 1
+    torch.testing.assert_close(out, f(x))  # the same answer as eagerly
+    assert "SNPO_CUDA_JIT=0" in ops._state["error"]  # resolved once, eagerly, and remembered
+
+
+def test_public_api_traces_with_fake_cuda_tensors(no_extension):
+    """The review's case: validation and dispatch ("auto") of FakeTensor inputs on device
+    cuda, traced on a CPU machine with fullgraph=True."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from snpo_kernels.dispatch import select_backend
+    from snpo_kernels.validation import validate_inputs
+
+    picked = []
+
+    def f(p, t, r):
+        x = validate_inputs(p, t, r, None, None, None, 5000.0, 0.9, "mean")
+        name = select_backend("auto", x)
+        picked.append(name)
+        return p * (1.0 if name == "torch" else 2.0)
+
+    with FakeTensorMode():
+        p = torch.empty(4, 3, device="cuda")
+        t = torch.empty(4, 3, device="cuda")
+    out, graphs = _trace(f, p, t, t)
+    assert len(graphs) == 1 and out.device.type == "cuda"
+    assert picked[-1] in ("triton", "torch")
+
+
+def test_arch_check_under_tracing_is_resolved_eagerly(monkeypatch):
+    """With the extension loaded, the arch check (torch.cuda queries, a dict cache) runs
+    eagerly under tracing too, and gives the same verdict."""
+
+    class Module:
+        archs = build.arch_token(parse_arch_list("8.0;9.0"))
+
+    monkeypatch.setitem(ops._state, "module", Module)
+    monkeypatch.setattr(ops, "_arch_verdicts", {})
+    caps = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(ops.torch.cuda, "get_device_capability", caps.__getitem__)
+
+    def f(x):
+        bad = backend.availability(torch.device("cuda", 0), torch.float32)
+        good = backend.availability(torch.device("cuda", 1), torch.float32)
+        return x + (1.0 if bad is not None and "7.5" in bad else 0.0) + (good is None)
+
+    x = torch.zeros(2)
+    out, graphs = _trace(f, x)
+    assert len(graphs) == 1
+    torch.testing.assert_close(out, torch.full((2,), 2.0))
+
+
+# ------------------------------------------------------------------ archs the nvcc supports
+SUPPORTED_13 = frozenset({(7, 5), (8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (12, 0)})
+
+
+def test_jit_build_uses_the_visible_gpu_not_torch_cuda_arch_list():
+    """Images set TORCH_CUDA_ARCH_LIST for their own torch build (often with 7.0, which
+    nvcc 13 rejects): the JIT build compiles for the GPU it runs on instead."""
+    env = {"TORCH_CUDA_ARCH_LIST": "7.0;7.5;8.0;8.6;9.0+PTX"}
+    assert build.jit_arch_list(env, [(9, 0)]) == [Arch(9, 0)]
+    assert build.jit_arch_list(env, [(9, 0)], SUPPORTED_13) == [Arch(9, 0)]
+    both = {**env, "SNPO_CUDA_ARCHS": "9.0a"}
+    assert build.jit_arch_list(both, [(9, 0)], SUPPORTED_13) == [Arch(9, 0, "a")]
+
+
+def test_unsupported_archs_are_dropped_with_one_warning_line():
+    logs: list[str] = []
+    env = {"SNPO_CUDA_ARCHS": "7.0;8.0;9.0a;9.0+PTX"}
+    got = build.jit_arch_list(env, [(9, 0)], SUPPORTED_13, logs.append)
+    assert got == [Arch(8, 0), Arch(9, 0, "a"), Arch(9, 0, ptx=True)]
+    assert len(logs) == 1 and "7.0" in logs[0] and "SNPO_CUDA_ARCHS" in logs[0]
+    assert "WARNING" in logs[0] and "\n" not in logs[0]
+    # ahead-of-time builds (setup.py) filter the same way, TORCH_CUDA_ARCH_LIST included
+    logs.clear()
+    text, source = build.select_arch_list({"TORCH_CUDA_ARCH_LIST": "7.0;8.0"})
+    got = build.supported_arch_list(
+        parse_arch_list(text, source), SUPPORTED_13, source, logs.append
+    )
+    assert got == [Arch(8, 0)] and "TORCH_CUDA_ARCH_LIST" in logs[0]
+    # nothing is filtered when the nvcc cannot say
+    assert build.supported_arch_list([Arch(7, 0)], None, "x") == [Arch(7, 0)]
+
+
+def test_a_gpu_newer_than_the_nvcc_gets_ptx_and_nothing_left_is_an_error():
+    logs: list[str] = []
+    old_nvcc = frozenset({(7, 5), (8, 0), (8, 6), (9, 0)})
+    assert build.jit_arch_list({}, [(12, 0)], old_nvcc, logs.append) == [Arch(9, 0, ptx=True)]
+    assert len(logs) == 1 and "12.0" in logs[0]
+    with pytest.raises(CudaBuildError, match="none of the CUDA architectures 7.0"):
+        build.jit_arch_list({"SNPO_CUDA_ARCHS": "7.0"}, [(9, 0)], old_nvcc)
+
+
+def test_nvcc_supported_archs_parses_list_gpu_arch():
+    out = "compute_75\ncompute_80\ncompute_90\ncompute_90a\ncompute_100f\n"
+
+    def run(cmd, **kw):
+        assert cmd[1:] == ["--list-gpu-arch"]
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+
+    assert build.nvcc_supported_archs("/x/nvcc", run) == {(7, 5), (8, 0), (9, 0), (10, 0)}
+    assert build.nvcc_supported_archs(None, run) is None
+
+    def old(cmd, **kw):  # an nvcc without --list-gpu-arch
+        return subprocess.CompletedProcess(cmd, 1, "", "nvcc fatal: Unknown option")
+
+    assert build.nvcc_supported_archs("/x/nvcc", old) is None
+
+
+_LOCAL_NVCC = build.find_nvcc(os.environ)
+
+
+@pytest.mark.skipif(_LOCAL_NVCC is None, reason="nvcc not found (CUDA toolkit absent)")
+def test_installed_nvcc_compiles_what_the_jit_build_asks_for(tmp_path):
+    """With the installed nvcc (13.x here: no sm_70) and TORCH_CUDA_ARCH_LIST=7.0;8.0 set, the
+    JIT build's arch flags compile; the list as given would not."""
+    supported = build.nvcc_supported_archs(_LOCAL_NVCC)
+    assert supported is not None and (8, 0) in supported
+    env = {"TORCH_CUDA_ARCH_LIST": "7.0;8.0", "SNPO_CUDA_ARCHS": "7.0;8.0"}
+    cu = tmp_path / "k.cu"
+    cu.write_text("__global__ void k(float* x) { x[threadIdx.x] += 1.0f; }\n")
+
+    def nvcc(archs):
+        flags = build.gencode_flags(archs)
+        cmd = [_LOCAL_NVCC, "-c", *flags, str(cu), "-o", str(tmp_path / "k.o")]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    archs = build.jit_arch_list(env, [(8, 0)], supported, lambda msg: None)
+    res = nvcc(archs)
+    assert res.returncode == 0, res.stderr
+    if (7, 0) not in supported:
+        assert archs == [Arch(8, 0)]
+        res = nvcc(parse_arch_list("7.0;8.0"))
+        assert res.returncode != 0 and "compute_70" in res.stderr + res.stdout
+
+
+# ------------------------------------------------------------------ torch >= 2.11 for the binding
+def test_torch_older_than_2_11_is_refused_with_the_reason():
+    assert build.torch_version_problem("2.13.0+cpu") is None
+    assert build.torch_version_problem("2.11.0") is None
+    assert build.torch_version_problem(None) is None
+    why = build.torch_version_problem("2.10.1+cu128")
+    assert "torch >= 2.11" in why and "native_handle" in why and "2.10.1+cu128" in why
+    assert "torch >= 2.11" in build.jit_unavailable_reason({}, "12.8", NVCC, "2.9.0")
+    assert build.jit_unavailable_reason({}, "12.8", NVCC, "2.11.0") is None
+    with pytest.raises(CudaBuildError, match="torch >= 2.11"):
+        decide_cuda_build({"SNPO_BUILD_CUDA": "1"}, NVCC, "12.8", None, "2.10.0")
+    ok, why = decide_cuda_build({}, NVCC, "12.8", None, "2.10.0")
+    assert not ok and "torch >= 2.11" in why
+    assert "TORCH_VERSION_MINOR) < 211" in (ROOT / "csrc" / "binding.cpp").read_text()
+
+
+def test_the_constant_marker_is_the_one_torch_sets():
+    """ops marks its resolvers as torch.compiler.assume_constant_result does, without
+    importing torch._dynamo at import time."""
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert vars(marked) == {"_dynamo_marked_constant": True}
+    assert vars(ops._resolve_extension) == vars(marked) == vars(ops._arch_verdict)
