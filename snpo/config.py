@@ -94,6 +94,7 @@ NON_TRAJECTORY_FIELDS = frozenset(
         "debug_fail_at_step",
         "debug_freeze_at_step",
         "debug_fail_rank",
+        "debug_overflow_at_step",
         "stop_signals",
         "dist_timeout_s",
         # where e_ref / latents / embeddings come from: the same values up to float rounding
@@ -263,6 +264,9 @@ class TrainConfig:
     )
     debug_fail_at_step: int | None = _f(
         None, "test hook: rank 0 alone raises an I/O error at this step (checks that no rank hangs)"
+    )
+    debug_overflow_at_step: int | None = _f(
+        None, "test hook: scale the loss by 1e4 at this step (fp16: forces a loss-scale overflow)"
     )
     debug_fail_rank: int = _f(0, "test hook: the rank that debug_fail_at_step makes fail")
     debug_freeze_at_step: int | None = _f(

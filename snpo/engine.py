@@ -1150,6 +1150,8 @@ class Trainer:
             res.metrics = {k: torch.zeros_like(v) for k, v in res.metrics.items()}
         if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
             loss = loss * float("nan")
+        if cfg.debug_overflow_at_step is not None and step == cfg.debug_overflow_at_step:
+            loss = loss * 1e4  # finite, but fp16 loss scaling makes the gradients overflow
         return loss, res.metrics
 
     def _encode(self, batch, draws, *, winners_only: bool):

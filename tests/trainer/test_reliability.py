@@ -358,3 +358,25 @@ def test_host_syncs_do_not_grow_with_accumulation(tmp_path, tiny_sd, pickapic_cl
     four = _syncs_per_step(tmp_path, tiny_sd, pickapic_clean, 4, monkeypatch)
     assert four == one, (one, four)
     assert one <= 20, one  # a fixed number per optimizer step
+
+
+@pytest.mark.gpu
+def test_fp16_overflow_is_skipped_not_fatal_on_cuda(tmp_path, tiny_sd, pickapic_clean, capsys):
+    """GPU suite: DeepSpeed's fp16 loss scaling skips an overflowing step; the guard lets it
+    pass, and stops only past max_skipped_steps."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    out = tmp_path / "run"
+    cfg = _cfg(
+        tmp_path, tiny_sd, pickapic_clean, out, precision="fp16", device="cuda", max_steps=4,
+        debug_overflow_at_step=2,
+    )  # fmt: skip
+    assert train_here(cfg) == 0, capsys.readouterr().err
+    rows = read_metrics(out)
+    assert [r["skipped_step"] for r in rows][1] is True
+    assert "loss-scale overflow" in capsys.readouterr().out
+    cfg = _cfg(
+        tmp_path, tiny_sd, pickapic_clean, tmp_path / "strict", precision="fp16", device="cuda",
+        max_steps=4, debug_overflow_at_step=2, max_skipped_steps=0,
+    )  # fmt: skip
+    assert train_here(cfg) == 3
