@@ -1,7 +1,8 @@
 // Thin torch binding of the fused preference loss: input checks with clear messages, output
 // allocation on the caching allocator, the current CUDA stream, and the torch.library ops
 //
-//   snpo_cuda::forward(pred, target, ref_pred?, ref_err?, swap?, weight?, beta, lam, reduction)
+//   snpo_cuda::forward(pred, target, ref_pred?, ref_err?, swap?, weight?, beta, lam, reduction,
+//                      loss_type=0)
 //       -> (loss, e_theta, e_ref, coef)
 //   snpo_cuda::backward(grad_loss, pred, target, coef, reduction) -> grad_pred
 //
@@ -117,7 +118,8 @@ void check_pred(const at::Tensor& pred) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& ref_pred,
     const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& swap,
-    const std::optional<at::Tensor>& weight, double beta, double lam, int64_t reduction) {
+    const std::optional<at::Tensor>& weight, double beta, double lam, int64_t reduction,
+    int64_t loss_type) {
   check_pred(pred);
   const at::Device device = pred.device();
   check_cuda_tensor(pred, "pred", device);
@@ -171,6 +173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   TORCH_CHECK(reduction >= kMean && reduction <= kNone,
               "snpo_cuda: reduction must be 0 (mean), 1 (sum) or 2 (none), got ", reduction);
 
+  TORCH_CHECK(loss_type >= 0 && loss_type <= 2,
+              "snpo_cuda: loss_type must be 0 (sigmoid), 1 (hinge) or 2 (ipo), got ", loss_type);
+
   const c10::DeviceGuard guard(device);
   const auto fopts = pred.options().dtype(at::kFloat);
   at::Tensor e_theta = at::empty({rows}, fopts);
@@ -197,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   p.beta = beta;  // double: the launcher decides λ < 1 and the logs in double
   p.lam = lam;
   p.reduction = static_cast<snpo::Reduction>(reduction);
+  p.loss_type = static_cast<int>(loss_type);
   p.vectorized = n % snpo::vector_width(pd) == 0 && aligned16(p.pred) && aligned16(p.target) &&
                  (p.ref_pred == nullptr || aligned16(p.ref_pred));
   p.plan = plan;
@@ -264,7 +270,8 @@ TORCH_LIBRARY(snpo_cuda, m) {
   m.set_python_module("snpo_kernels.cuda.ops");
   m.def(
       "forward(Tensor pred, Tensor target, Tensor? ref_pred, Tensor? ref_err, Tensor? swap, "
-      "Tensor? weight, float beta, float lam, int reduction) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? weight, float beta, float lam, int reduction, int loss_type=0) -> (Tensor, Tensor, "
+      "Tensor, Tensor)");
   m.def("backward(Tensor grad_loss, Tensor pred, Tensor target, Tensor coef, int reduction) -> "
         "Tensor");
 }

@@ -82,9 +82,34 @@ inline LossScalars loss_scalars(double beta, double lam) {
                      bounded ? static_cast<float>(std::log1p(-lam)) : 0.0f};
 }
 
+// The pair loss as a function of the logit z (diffusers' --loss_type; β′ = β/2), and
+// G = −dℓ/dz (snpo_kernels/reference.py pair_loss, pair_loss_slope):
+//   kSigmoid: ℓ = softplus(−z),        G = σ(−z)
+//   kHinge:   ℓ = max(1 − z, 0),       G = 1 if z < 1 else 0 (autograd's relu at the kink)
+//   kIpo:     ℓ = ((z − ½)/β′)²,       G = −2(z − ½)/β′²   (diffusers: (logits − 1/(2β′))²)
+enum LossType : int { kSigmoid = 0, kHinge = 1, kIpo = 2 };
+
+struct LossAndSlope {
+  float loss;
+  float g_half_beta;  // G·β/2
+};
+
+SNPO_HOST_DEVICE LossAndSlope pair_loss(float neg_z, float half_beta, int loss_type) {
+  const float z = -neg_z;
+  if (loss_type == kHinge) {
+    const float l = 1.0f - z;
+    return LossAndSlope{l > 0.0f ? l : 0.0f, z < 1.0f ? half_beta : 0.0f};
+  }
+  if (loss_type == kIpo) {
+    const float d = (z - 0.5f) / half_beta;
+    return LossAndSlope{d * d, -2.0f * d};
+  }
+  return LossAndSlope{softplus_f(neg_z), sigmoid_f(neg_z) * half_beta};
+}
+
 // One pair k: preferred sample a, rejected sample b, weight w.
 //   m_a = w·(e_θ(a) − e_ref(a)),  m_b = w·(e_θ(b) − e_ref(b)),  m̃_b = bounded_margin(m_b)
-//   −z = (β/2)·(m_a − m̃_b),  ℓ = softplus(−z),  c_a = σ(−z)·(β/2)·w,  c_b = −c_a·s_b
+//   −z = (β/2)·(m_a − m̃_b),  ℓ = pair_loss(z),  c_a = G·(β/2)·w,  c_b = −c_a·s_b
 // (c at scale 1: without 1/P and grad_output).
 struct PairTerms {
   float loss;
@@ -98,7 +123,8 @@ struct PairTerms {
 
 SNPO_HOST_DEVICE PairTerms pair_terms(float e_theta_a, float e_ref_a, float e_theta_b,
                                       float e_ref_b, float w, float half_beta, bool bounded,
-                                      float lam, float log_lam, float log_rest) {
+                                      float lam, float log_lam, float log_rest,
+                                      int loss_type = kSigmoid) {
   const float m_a = w * (e_theta_a - e_ref_a);
   const float m_b = w * (e_theta_b - e_ref_b);
   float mt_b = m_b;
@@ -109,9 +135,9 @@ SNPO_HOST_DEVICE PairTerms pair_terms(float e_theta_a, float e_ref_a, float e_th
     s_b = bm.slope;
   }
   const float neg_z = half_beta * (m_a - mt_b);  // −z_k
-  const float l = softplus_f(neg_z);             // ℓ_k = −log σ(z_k)
-  const float g = sigmoid_f(neg_z) * half_beta * w;
-  return PairTerms{l, g, -g * s_b, m_a, m_b, mt_b, s_b};
+  const LossAndSlope ls = pair_loss(neg_z, half_beta, loss_type);
+  const float g = ls.g_half_beta * w;
+  return PairTerms{ls.loss, g, -g * s_b, m_a, m_b, mt_b, s_b};
 }
 
 }  // namespace math

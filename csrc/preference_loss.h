@@ -86,6 +86,7 @@ struct ForwardParams {
   double lam;            // (0, 1]; kept in double: λ < 1 and log λ, log(1 − λ) are decided in
                          // double (a λ within 2⁻²⁵ of 1 is 1.0f but still bounds m̃_b)
   Reduction reduction;
+  int loss_type;         // math::LossType: 0 sigmoid, 1 hinge, 2 ipo
   bool vectorized;       // every base pointer 16-byte aligned and n % vector_width == 0
   Plan plan;
   float* workspace;      // 2 · 2P · plan.splits floats (partial sums; fully overwritten)

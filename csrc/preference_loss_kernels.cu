@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                     const float* __restrict__ ref_err, int64_t splits, int64_t num_pairs,
                     int64_t n, const uint8_t* __restrict__ swap, const float* __restrict__ weight,
                     float half_beta, bool bounded, float lam, float log_lam, float log_rest,
-                    int reduction,
+                    int reduction, int loss_type,
                     float* __restrict__ e_theta, float* __restrict__ e_ref,
                     float* __restrict__ coef, float* __restrict__ loss) {
   __shared__ float smem[kFinalizeThreads / 32];
@@ -242,7 +242,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     const int64_t b = swapped ? k : num_pairs + k;
     const float w = weight != nullptr ? weight[k] : 1.0f;
     const math::PairTerms t = math::pair_terms(e_theta[a], e_ref[a], e_theta[b], e_ref[b], w,
-                                               half_beta, bounded, lam, log_lam, log_rest);
+                                               half_beta, bounded, lam, log_lam, log_rest,
+                                               loss_type);
     const float l = t.loss;
     coef[a] = t.coef_a;
     coef[b] = t.coef_b;
@@ -436,7 +437,8 @@ Status preference_forward(const ForwardParams& p, void* stream_handle) {
   finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(
       p.workspace, p.workspace + blocks, p.ref_err, p.plan.splits, p.num_pairs, p.n, p.swap,
       p.weight, sc.half_beta, sc.bounded, sc.lam, sc.log_lam, sc.log_rest,
-      static_cast<int>(p.reduction), p.e_theta, p.e_ref, p.coef, p.loss);
+      static_cast<int>(p.reduction), static_cast<int>(p.loss_type), p.e_theta, p.e_ref, p.coef,
+      p.loss);
   return cuda_status(cudaGetLastError(), "launch of finalize_kernel");
 }
 

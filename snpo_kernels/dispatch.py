@@ -45,7 +45,7 @@ from types import ModuleType
 
 import torch
 
-from .reference import gradient_coefficients, preference_loss_reference
+from .reference import gradient_coefficients, pair_logits, preference_loss_reference
 from .validation import LossInputs
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -96,7 +96,16 @@ class _TorchBackend:
     @staticmethod
     def run(x: LossInputs):
         return preference_loss_reference(
-            x.pred, x.target, x.ref_pred, x.ref_err, x.swap, x.weight, x.beta, x.lam, x.reduction
+            x.pred,
+            x.target,
+            x.ref_pred,
+            x.ref_err,
+            x.swap,
+            x.weight,
+            x.beta,
+            x.lam,
+            x.reduction,
+            x.loss_type,
         )
 
 
@@ -273,6 +282,7 @@ def shape_class(name: str, x: LossInputs) -> tuple:
         x.reduction,
         rows,
         x.pred.numel() // rows,
+        x.loss_type,
     )
 
 
@@ -312,6 +322,7 @@ def synthetic_inputs(x: LossInputs) -> LossInputs:
         beta=SELF_CHECK_BETA,
         lam=x.lam,
         reduction=x.reduction,
+        loss_type=x.loss_type,
     )
 
 
@@ -336,7 +347,7 @@ def _compare(x: LossInputs, got, want) -> str | None:
     w = None if x.weight is None else x.weight.to(f64)
     p = x.num_pairs
     # Σ_i |∂ℓ_k/∂e_i|·(|e_θ,i| + |e_ref,i|) per pair: the loss's condition number
-    coef = gradient_coefficients(e_th, e_rf, x.swap, w, x.beta, x.lam, 1.0).abs()
+    coef = gradient_coefficients(e_th, e_rf, x.swap, w, x.beta, x.lam, 1.0, x.loss_type).abs()
     sens = coef * (e_th.abs() + e_rf.abs())
     sens_pair = sens[:p] + sens[p:]
     # K_k = (β/2 + 1)·w_k·Σ(|e_θ| + |e_ref|): the condition number of the pair's gradient
@@ -345,6 +356,10 @@ def _compare(x: LossInputs, got, want) -> str | None:
     k_pair = (0.5 * x.beta + 1.0) * (mag[:p] + mag[p:])
     if w is not None:
         k_pair = k_pair * w
+    if x.loss_type == "ipo":
+        # G = −2(z − ½)/β′² has relative slope 1/|z − ½| in z (σ(−z)'s is ≤ 1)
+        z, _, _ = pair_logits(e_th, e_rf, x.swap, w, x.beta, x.lam)
+        k_pair = k_pair * (1.0 / (z - 0.5).abs()).clamp_min(1.0)
     out_eps, acc_eps = _TOL_FACTOR * _BF16_EPS, _ACC_FACTOR * torch.finfo(torch.float32).eps
     want_l = w_loss.to(f64)
     if x.reduction != "none":

@@ -74,6 +74,37 @@ def bounded_margin_slope(m_b: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.sigmoid(math.log(lam) - math.log1p(-lam) - m_b)
 
 
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def pair_loss(z: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> torch.Tensor:
+    """ℓ_k as a function of the logit z_k (diffusers' ``--loss_type``; β′ = β/2):
+
+    sigmoid: ℓ = −log σ(z) = softplus(−z);   hinge: ℓ = relu(1 − z);
+    ipo:     ℓ = (z/β′ − 1/(2β′))² = ((z − ½)/β′)²   (diffusers: (logits − 1/(2β′))², logits = z/β′).
+    """
+    if loss_type == "sigmoid":
+        return F.softplus(-z)
+    if loss_type == "hinge":
+        return torch.relu(1.0 - z)
+    if loss_type == "ipo":
+        return ((z - 0.5) / (0.5 * beta)).square()
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def pair_loss_slope(z: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> torch.Tensor:
+    """G_k = −∂ℓ_k/∂z_k: σ(−z) (sigmoid), 1[z < 1] (hinge; 0 at the kink, as autograd of relu),
+    −2(z − ½)/β′² (ipo, β′ = β/2)."""
+    if loss_type == "sigmoid":
+        return torch.sigmoid(-z)
+    if loss_type == "hinge":
+        return (z < 1.0).to(z.dtype)
+    if loss_type == "ipo":
+        half_beta = 0.5 * beta
+        return -2.0 * (z - 0.5) / (half_beta * half_beta)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
 def pair_logits(
     e_theta: torch.Tensor,
     e_ref: torch.Tensor,
@@ -114,8 +145,10 @@ def preference_loss_reference(
     beta: float,
     lam: float,
     reduction: str,
+    loss_type: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ℓ_k = −log σ(z_k) = softplus(−z_k), reduced. Gradients flow to ``pred`` only.
+    """ℓ_k = :func:`pair_loss` (z_k) (−log σ(z_k) by default), reduced. Gradients flow to
+    ``pred`` only.
 
     Returns (loss, e_theta, e_ref): the reduced loss (float32/64, differentiable w.r.t. pred)
     and the detached per-sample errors, each (2P,).
@@ -130,7 +163,7 @@ def preference_loss_reference(
             e_ref = ref_err.detach().to(dt)
     w = None if weight is None else weight.detach().to(dt)
     z, _, _ = pair_logits(e_theta, e_ref, swap, w, beta, lam)
-    losses = F.softplus(-z)
+    losses = pair_loss(z, beta, loss_type)
     return reduce_pairs(losses, reduction), e_theta.detach(), e_ref
 
 
@@ -142,14 +175,16 @@ def gradient_coefficients(
     beta: float,
     lam: float,
     scale: float,
+    loss_type: str = "sigmoid",
 ) -> torch.Tensor:
     """Per-sample c_i with ∂loss/∂pred[i,j] = c_i·2·(pred[i,j] − target[i,j])/N.
 
-    c_a = +scale·σ(−z_k)·(β/2)·w_k,  c_b = −scale·σ(−z_k)·(β/2)·w_k·s_b, where scale is 1/P for
-    "mean" and 1 for "sum"/"none" (then multiplied by grad_output). Returns (2P,) in rows order.
+    c_a = +scale·G_k·(β/2)·w_k,  c_b = −scale·G_k·(β/2)·w_k·s_b, with G_k = −∂ℓ_k/∂z_k
+    (:func:`pair_loss_slope`; σ(−z_k) for sigmoid) and scale 1/P for "mean", 1 for
+    "sum"/"none" (then multiplied by grad_output). Returns (2P,) in rows order.
     """
     z, _, m_b = pair_logits(e_theta, e_ref, swap, weight, beta, lam)
-    g = scale * torch.sigmoid(-z) * (0.5 * beta)
+    g = scale * pair_loss_slope(z, beta, loss_type) * (0.5 * beta)
     if weight is not None:
         g = g * weight
     c_a = g

@@ -41,6 +41,62 @@ class PreferenceStats:
         """Python floats (this synchronises: call it when logging, not inside the step)."""
         return {k: float(v) for k, v in vars(self).items()}
 
+    def sums(self) -> torch.Tensor:
+        """(7,) float64 of additive quantities, in :data:`SUM_FIELDS` order: per-branch counts,
+        Σ correct and Σ (−m_a), and the non-finite count. Add them over micro-batches and
+        reduce over ranks in one collective (``dist.all_reduce(t)``), then
+        :func:`stats_from_sums`. No host synchronisation."""
+
+        def total(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+            return torch.where(count > 0, mean * count, torch.zeros_like(mean))
+
+        c, u = self.count_cond, self.count_uncond
+        return torch.stack(
+            [
+                c,
+                u,
+                total(self.accuracy_cond, c),
+                total(self.accuracy_uncond, u),
+                total(self.logp_proxy_cond, c),
+                total(self.logp_proxy_uncond, u),
+                self.nonfinite,
+            ]
+        ).to(torch.float64)
+
+
+SUM_FIELDS = (
+    "count_cond",
+    "count_uncond",
+    "correct_cond",
+    "correct_uncond",
+    "logp_sum_cond",
+    "logp_sum_uncond",
+    "nonfinite",
+)
+
+
+def stats_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    """Means from (summed) :meth:`PreferenceStats.sums`: accuracy_cond/uncond and
+    logp_proxy_cond/uncond = Σ/count, logp_proxy over both branches, the counts and nonfinite.
+    A branch with count 0 is left out (no key, never NaN). Synchronises (Python floats)."""
+    if not isinstance(sums, torch.Tensor) or sums.shape != (len(SUM_FIELDS),):
+        raise ValueError(
+            f"sums must be a tensor of shape ({len(SUM_FIELDS)},) from PreferenceStats.sums(), "
+            f"got {getattr(sums, 'shape', type(sums).__name__)}"
+        )
+    v = dict(zip(SUM_FIELDS, sums.detach().double().cpu().tolist(), strict=True))
+    out = {"count_cond": v["count_cond"], "count_uncond": v["count_uncond"]}
+    for b in ("cond", "uncond"):
+        n = v[f"count_{b}"]
+        if n > 0:
+            out[f"accuracy_{b}"] = v[f"correct_{b}"] / n
+            out[f"logp_proxy_{b}"] = v[f"logp_sum_{b}"] / n
+    n = v["count_cond"] + v["count_uncond"]
+    if n > 0:
+        out["logp_proxy"] = (v["logp_sum_cond"] + v["logp_sum_uncond"]) / n
+    out["nonfinite"] = v["nonfinite"]
+    return out
+
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of ``values`` where ``mask`` (bool), and the count; values outside the mask are

@@ -22,6 +22,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # the pair loss as a function of z (reference.pair_loss)
 # The largest accepted β. Published values are ≤ 5e3 (Diffusion-DPO SD1.5/SDXL). The kernels
 # compute z = −(β/2)·(m_a − m̃_b) in float32: with β ≤ 1e10, z stays finite for margins
 # |m| ≤ 1e28 (float32's max is 3.4e38), far beyond any real error·weight; β = 1e39 itself
@@ -57,6 +58,7 @@ class LossInputs:
     beta: float
     lam: float
     reduction: str
+    loss_type: str = "sigmoid"
 
     @property
     def num_pairs(self) -> int:
@@ -119,6 +121,7 @@ def validate_inputs(
     beta: float,
     lam: float,
     reduction: str,
+    loss_type: str = "sigmoid",
 ) -> LossInputs:
     """Check every argument of the contract and return them normalised (see LossInputs)."""
     _check_float("pred", pred)
@@ -207,6 +210,19 @@ def validate_inputs(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(
+            f"loss_type must be one of {LOSS_TYPES} (diffusers' --loss_type), got {loss_type!r}"
+        )
     return LossInputs(
-        pred, target, ref_pred, ref_err, swap, weight_t, float(beta), float(lam), reduction
+        pred,
+        target,
+        ref_pred,
+        ref_err,
+        swap,
+        weight_t,
+        float(beta),
+        float(lam),
+        reduction,
+        loss_type,
     )

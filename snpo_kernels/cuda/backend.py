@@ -55,7 +55,16 @@ def run(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     e_theta / e_ref detached float32 (2P,)."""
     if any(t is not None and t.dtype == torch.float64 for t in (x.target, x.ref_pred, x.ref_err)):
         return preference_loss_reference(
-            x.pred, x.target, x.ref_pred, x.ref_err, x.swap, x.weight, x.beta, x.lam, x.reduction
+            x.pred,
+            x.target,
+            x.ref_pred,
+            x.ref_err,
+            x.swap,
+            x.weight,
+            x.beta,
+            x.lam,
+            x.reduction,
+            x.loss_type,
         )
     if not ops.loaded():
         ops.require()
@@ -75,5 +84,6 @@ def run(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x.beta,
         x.lam,
         ops.REDUCTIONS[x.reduction],
+        ops.LOSS_TYPES[x.loss_type],
     )
     return loss, e_theta.detach(), e_ref.detach()

@@ -5,11 +5,11 @@ The ops are defined in C++ (csrc/binding.cpp, which names this module with
 ``m.set_python_module``, so that torch.compile finds the fake implementations here):
 
     torch.ops.snpo_cuda.forward(pred, target, ref_pred?, ref_err?, swap?, weight?,
-                                beta, lam, reduction) -> (loss, e_theta, e_ref, coef)
+                                beta, lam, reduction, loss_type=0) -> (loss, e_theta, e_ref, coef)
     torch.ops.snpo_cuda.backward(grad_loss, pred, target, coef, reduction) -> grad_pred
 
-reduction: 0 mean, 1 sum, 2 none. ``coef`` (2P,) holds the per-sample gradient coefficients
-c_i at scale 1; backward multiplies by 1/P (mean) and grad_output on the device.
+reduction: 0 mean, 1 sum, 2 none; loss_type: 0 sigmoid, 1 hinge, 2 ipo. ``coef`` (2P,) holds
+the per-sample gradient coefficients c_i at scale 1; backward multiplies by 1/P (mean) and grad_output on the device.
 
 Importing this module needs torch only: nothing touches torch.cuda or the extension until
 :func:`extension_error` (or :func:`require`) is called.
@@ -27,6 +27,7 @@ import torch
 from . import build
 
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+LOSS_TYPES = {"sigmoid": 0, "hinge": 1, "ipo": 2}  # csrc/pair_math.h LossType
 NOT_BUILT = (
     "the snpo CUDA extension is not built (set SNPO_BUILD_CUDA=1 and reinstall, or install "
     "nvcc for the JIT build)"
@@ -159,7 +160,7 @@ def _load_module():
 
 
 # ------------------------------------------------------------------ torch.library registrations
-def _forward_fake(pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction):
+def _forward_fake(pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction, loss_type=0):
     rows = pred.shape[0]
     pairs = rows // 2
     loss_shape = (pairs,) if reduction == REDUCTIONS["none"] else ()
@@ -180,6 +181,7 @@ def _setup_context(ctx, inputs, output):
     pred, target = inputs[0], inputs[1]
     ctx.save_for_backward(pred, target, output[3])
     ctx.reduction = inputs[8]
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_loss, *unused_grads):
@@ -191,7 +193,8 @@ def _backward(ctx, grad_loss, *unused_grads):
         grad_pred = torch.ops.snpo_cuda.backward(
             grad_loss.to(torch.float32).contiguous(), pred, target, coef, ctx.reduction
         )
-    return grad_pred, None, None, None, None, None, None, None, None
+    # one gradient per input of forward: pred, then None for the other 8 or 9 (loss_type)
+    return (grad_pred,) + (None,) * (ctx.num_inputs - 1)
 
 
 def register_python_side() -> None:

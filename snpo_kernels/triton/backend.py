@@ -45,7 +45,16 @@ def run(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     availability())."""
     if any(t is not None and t.dtype == torch.float64 for t in (x.target, x.ref_pred, x.ref_err)):
         return preference_loss_reference(
-            x.pred, x.target, x.ref_pred, x.ref_err, x.swap, x.weight, x.beta, x.lam, x.reduction
+            x.pred,
+            x.target,
+            x.ref_pred,
+            x.ref_err,
+            x.swap,
+            x.weight,
+            x.beta,
+            x.lam,
+            x.reduction,
+            x.loss_type,
         )
     from .op import triton_preference_loss
 
@@ -59,5 +68,6 @@ def run(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x.beta,
         x.lam,
         x.reduction,
+        x.loss_type,
     )
     return loss, e_theta.detach(), e_ref.detach()

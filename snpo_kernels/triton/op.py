@@ -59,7 +59,15 @@ import triton
 
 from .error_kernel import squared_error_partials_kernel
 from .grad_kernel import preference_grad_kernel
-from .pair_kernel import REDUCE_MEAN, REDUCE_NONE, REDUCE_SUM, pair_tail_kernel
+from .pair_kernel import (
+    LOSS_HINGE,
+    LOSS_IPO,
+    LOSS_SIGMOID,
+    REDUCE_MEAN,
+    REDUCE_NONE,
+    REDUCE_SUM,
+    pair_tail_kernel,
+)
 
 # Fill outputs and partials with NaN before launching (tests): every element must be written.
 DEBUG_POISON = False
@@ -72,6 +80,7 @@ CPU_SPLITS = 4  # interpreter: a few splits per row keep the split path exercise
 CUDA_BLOCK = 1024  # elements per block and per loop step on the GPU (4 warps, 8 per thread)
 CPU_BLOCK = 4096  # the interpreter pays per block step: large blocks
 _REDUCE = {"none": REDUCE_NONE, "sum": REDUCE_SUM, "mean": REDUCE_MEAN}
+_LOSS_TYPE = {"sigmoid": LOSS_SIGMOID, "hinge": LOSS_HINGE, "ipo": LOSS_IPO}
 
 
 @contextlib.contextmanager
@@ -165,6 +174,7 @@ def preference_forward(
     beta: float,
     lam: float,
     reduction: str,
+    loss_type: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ (loss, e_theta, e_ref, coef): two launches (split error sums, single-program tail)."""
     rows = pred.shape[0]
@@ -233,6 +243,7 @@ def preference_forward(
             HAS_WEIGHT=weight is not None,
             BOUNDED=bounded,
             REDUCE=_REDUCE[reduction],
+            LOSS_TYPE=_LOSS_TYPE[loss_type],
             BLOCK_P=_block2(p, 128),
             BLOCK_S=_block2(s, 32),
             num_warps=4,
@@ -290,13 +301,16 @@ def triton_preference_loss(
     beta: float,
     lam: float,
     reduction: str,
+    loss_type: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused preference loss → (loss, e_theta, e_ref, coef); see the module docstring."""
-    return preference_forward(pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction)
+    return preference_forward(
+        pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction, loss_type
+    )
 
 
 @triton_preference_loss.register_fake
-def _(pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction):
+def _(pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction, loss_type="sigmoid"):
     rows = pred.shape[0]
     loss_shape = (rows // 2,) if reduction == "none" else ()
     f32 = torch.float32
@@ -334,8 +348,8 @@ def _backward(ctx, grad_loss, _grad_e_theta, _grad_e_ref, _grad_coef):
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
         grad = triton_preference_loss_backward(grad_loss, pred, target, coef)
-    # pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction
-    return grad, None, None, None, None, None, None, None, None
+    # pred, target, ref_pred, ref_err, swap, weight, beta, lam, reduction, loss_type
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 triton_preference_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -5,8 +5,11 @@
     m_a     = w_k·(e_θ(a) − e_ref(a)),  m_b = w_k·(e_θ(b) − e_ref(b))
     m̃_b     = −log(λ·exp(−m_b) + 1 − λ)                (= m_b when λ = 1; BOUNDED=False)
     s_b     = σ(log λ − m_b − log(1 − λ))              (= ∂m̃_b/∂m_b; 1 when λ = 1)
-    z_k     = −(β/2)·(m_a − m̃_b),   ℓ_k = softplus(−z_k)
-    c_a     = scale·σ(−z_k)·(β/2)·w_k,   c_b = −c_a·s_b     (scale = 1/P for "mean", else 1)
+    z_k     = −(β/2)·(m_a − m̃_b),   ℓ_k = softplus(−z_k)   (LOSS_TYPE 0, "sigmoid")
+                                    ℓ_k = relu(1 − z_k)     (1, "hinge")
+                                    ℓ_k = ((z_k − ½)/(β/2))² (2, "ipo", diffusers' form)
+    G_k     = −∂ℓ_k/∂z_k: σ(−z_k), 1[z_k < 1], −2(z_k − ½)/(β/2)²
+    c_a     = scale·G_k·(β/2)·w_k,   c_b = −c_a·s_b     (scale = 1/P for "mean", else 1)
 
 Outputs: loss (P,) for REDUCE=0 ("none"), else one scalar (1 "sum", 2 "mean"); e_θ, e_ref,
 c: (2P,) float32 in row order. The pairs are walked in blocks of BLOCK_P by one program and
@@ -23,6 +26,7 @@ import triton
 import triton.language as tl
 
 REDUCE_NONE, REDUCE_SUM, REDUCE_MEAN = 0, 1, 2
+LOSS_SIGMOID, LOSS_HINGE, LOSS_IPO = 0, 1, 2
 
 
 @triton.jit
@@ -114,6 +118,7 @@ def pair_tail_kernel(
     HAS_WEIGHT: tl.constexpr,
     BOUNDED: tl.constexpr,
     REDUCE: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -154,8 +159,16 @@ def pair_tail_kernel(
             mt_b = m_b
             s_b = 1.0
         z = -half_beta * (m_a - mt_b)
-        loss_k = _softplus(-z)
-        g = _sigmoid(-z) * half_beta
+        if LOSS_TYPE == 1:
+            loss_k = tl.maximum(1.0 - z, 0.0)
+            g = tl.where(z < 1.0, 1.0, 0.0) * half_beta
+        elif LOSS_TYPE == 2:
+            d = (z - 0.5) / half_beta
+            loss_k = d * d
+            g = -2.0 * d  # G·(β/2) = −2(z − ½)/(β/2)
+        else:
+            loss_k = _softplus(-z)
+            g = _sigmoid(-z) * half_beta
         if HAS_WEIGHT:
             g = g * w
         if REDUCE == 2:

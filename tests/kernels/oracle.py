@@ -26,8 +26,12 @@ def oracle(
     beta=1.0,
     lam=1.0,
     reduction="mean",
+    loss_type="sigmoid",
 ):
-    """Returns (loss float or list, grad (2P, N) float64 tensor for d(sum or mean)/dpred,
+    """loss_type: ℓ(z) = −log σ(z) ("sigmoid"), max(1 − z, 0) ("hinge") or
+    (z/β′ − 1/(2β′))² with β′ = β/2 ("ipo", diffusers' form); G = −dℓ/dz.
+
+    Returns (loss float or list, grad (2P, N) float64 tensor for d(sum or mean)/dpred,
     e_theta list, e_ref list). For reduction="none" the gradient is that of the sum."""
     x = pred.detach().double().reshape(pred.shape[0], -1)
     t = target.detach().double().reshape(pred.shape[0], -1)
@@ -61,8 +65,20 @@ def oracle(
             mt_b = -(hi + math.log(math.exp(u - hi) + math.exp(v - hi)))
             s_b = _sigmoid(u - v)
         z = -0.5 * beta * (m_a - mt_b)
-        losses.append(_softplus(-z))
-        g = scale * _sigmoid(-z) * 0.5 * beta * w[k]
+        hb = 0.5 * beta
+        if loss_type == "sigmoid":
+            losses.append(_softplus(-z))
+            slope = _sigmoid(-z)
+        elif loss_type == "hinge":
+            losses.append(max(1.0 - z, 0.0))
+            slope = 1.0 if z < 1.0 else 0.0
+        elif loss_type == "ipo":
+            raw = z / hb  # diffusers' `logits` = ref_diff − model_diff (bounded)
+            losses.append((raw - 1.0 / (2.0 * hb)) ** 2)
+            slope = -2.0 * (raw - 1.0 / (2.0 * hb)) / hb
+        else:
+            raise ValueError(loss_type)
+        g = scale * slope * hb * w[k]
         coef[a] += g
         coef[b] += -g * s_b
     grad = torch.stack([coef[i] * 2.0 * (x[i] - t[i]) / n for i in range(two_p)])

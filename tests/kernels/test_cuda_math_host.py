@@ -64,13 +64,14 @@ def finalize(request, tmp_path_factory):
     on the way in, as the kernel receives them) → dict of float64 arrays."""
     exe = _compile(request.param, tmp_path_factory.mktemp("finalize_host"))
 
-    def run(beta, lam, w, e_theta_a, e_ref_a, e_theta_b, e_ref_b):
+    def run(beta, lam, w, e_theta_a, e_ref_a, e_theta_b, e_ref_b, loss_type=0):
         scalars = [np.asarray(c, dtype=np.float64) for c in (beta, lam)]
         rounded = [
             np.asarray(c, dtype=np.float32).astype(np.float64)
             for c in (w, e_theta_a, e_ref_a, e_theta_b, e_ref_b)
         ]
-        cols = [c.ravel() for c in np.broadcast_arrays(*scalars, *rounded)]
+        kind = np.asarray(loss_type, dtype=np.float64)
+        cols = [c.ravel() for c in np.broadcast_arrays(*scalars, *rounded, kind)]
         lines = "\n".join(" ".join(float(v).hex() for v in row) for row in zip(*cols))
         res = subprocess.run(
             [str(exe)], input=lines + "\n", capture_output=True, text=True, timeout=120
@@ -99,9 +100,21 @@ def _softplus(x):
         return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
 
 
-def truth(beta, lam, w, e_theta_a, e_ref_a, e_theta_b, e_ref_b):
+def pair_loss_truth(neg_z, hb, loss_type):
+    """(ℓ, G = −dℓ/dz, r = |dG/dz|/|G|) in float64 for loss_type 0 sigmoid, 1 hinge, 2 ipo."""
+    z = -neg_z
+    if loss_type == 1:
+        return np.maximum(1.0 - z, 0.0), (z < 1.0).astype(np.float64), np.zeros_like(z)
+    if loss_type == 2:
+        d = (z - 0.5) / hb
+        return d * d, -2.0 * d / hb, 1.0 / np.abs(z - 0.5)
+    return _softplus(neg_z), _sigmoid(neg_z), _sigmoid(-neg_z)
+
+
+def truth(beta, lam, w, e_theta_a, e_ref_a, e_theta_b, e_ref_b, loss_type=0):
     """Float64 results from the same (float32-rounded) inputs, and the tolerances of the
-    module docstring."""
+    module docstring (σ(−z), σ(z) there become G and r = |dG/dz|/|G| of the loss type; the
+    hinge's G is exact away from the kink, within |Δz| of which it is left unchecked)."""
     f32 = [
         np.asarray(c, dtype=np.float32).astype(np.float64)
         for c in (w, e_theta_a, e_ref_a, e_theta_b, e_ref_b)
@@ -129,19 +142,21 @@ def truth(beta, lam, w, e_theta_a, e_ref_a, e_theta_b, e_ref_b):
         duv = np.where(bounded, C * EPS * (np.abs(log_lam) + np.abs(m_b) + np.abs(log_rest)), 0.0)
         hb = 0.5 * beta
         neg_z = hb * (m_a - mt)
-        loss = _softplus(neg_z)
-        c_a = _sigmoid(neg_z) * hb * w
+        loss, g_slope, r = pair_loss_truth(neg_z, hb, loss_type)
+        c_a = g_slope * hb * w
         c_b = -c_a * s_b
         sm = np.where(s_b > 0, s_b * np.abs(m_b), 0.0)  # s_b·|m_b| (0 for m_b = +inf)
         tol_mt = C * EPS * (np.abs(mt) + sm + dlam)
         tol_z = C * EPS * (np.abs(neg_z) + hb * (np.abs(m_a) + np.abs(mt) + sm + dlam))
-        sig_z = _sigmoid(-neg_z)  # σ(z)
+        if loss_type == 2:  # the rounding of z − ½
+            tol_z = tol_z + C * EPS * np.abs(neg_z + 0.5)
         tiny = float(np.finfo(np.float32).tiny)
+        kink = np.where((loss_type == 1) & (np.abs(1.0 + neg_z) <= tol_z), np.inf, 0.0)
         tol = {
             "mt_b": tol_mt + tiny,
-            "loss": _sigmoid(neg_z) * tol_z + C * EPS * loss + tiny,
-            "coef_a": np.abs(c_a) * (sig_z * tol_z + C * EPS) + tiny,
-            "coef_b": np.abs(c_b) * (sig_z * tol_z + (1.0 - s_b) * duv + C * EPS) + tiny,
+            "loss": np.abs(g_slope) * tol_z + C * EPS * loss + tiny,
+            "coef_a": np.abs(c_a) * (r * tol_z + C * EPS) + tiny + kink,
+            "coef_b": np.abs(c_b) * (r * tol_z + (1.0 - s_b) * duv + C * EPS) + tiny + kink,
         }
         # 0·inf (an exact zero slope times an infinite margin) contributes no error
         tol = {k: np.nan_to_num(v, nan=tiny, posinf=np.inf) for k, v in tol.items()}
@@ -259,3 +274,35 @@ def test_kernel_and_launcher_use_the_shared_math():
     assert "math::loss_scalars(p.beta, p.lam)" in cu
     assert "double lam;" in header and "double beta;" in header
     assert "static_cast<float>(lam)" not in binding and "static_cast<float>(beta)" not in binding
+
+
+# ------------------------------------------------------------------ loss types (hinge, ipo)
+LOSS_TYPE_CODES = {"sigmoid": 0, "hinge": 1, "ipo": 2}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("lam", [0.5, 0.9, 1.0])
+@pytest.mark.parametrize("beta", [1.0, 20.0, 5000.0])
+def test_loss_types_against_float64(finalize, beta, lam, loss_type):
+    """pair_math.h's pair loss and G = −dℓ/dz for each diffusers --loss_type, at the start of
+    training (z = O(1) at β = 5000) and over every margin, against the float64 formulas."""
+    code = LOSS_TYPE_CODES[loss_type]
+    for inputs in (_start_of_training(seed=11 + int(beta)), _broad(seed=13 + int(beta))):
+        args = (beta, lam, *inputs)
+        got = finalize(*args, loss_type=code)
+        want, tol = truth(*args, loss_type=code)
+        check(got, want, tol)
+
+
+def test_loss_types_differ_where_they_should(finalize):
+    """The hinge is flat beyond z = 1 (ℓ = 0, no gradient), the ipo loss is 0 at z = ½ with
+    a gradient of the sign that pulls z back to ½ (c_a < 0 for z > ½): a kernel that ignored
+    loss_type (sigmoid everywhere) fails each of these."""
+    # β = 2, w = 1, λ = 1: z = −(m_a − m_b) = e_ref_a − e_θ_a (m_b = 0); z = 2, 0.5, −1
+    args = (2.0, 1.0, 1.0, [0.0, 0.5, 2.0], [2.0, 1.0, 1.0], [0.3, 0.3, 0.3], [0.3, 0.3, 0.3])
+    hinge = finalize(*args, loss_type=1)
+    assert hinge["loss"][0] == 0.0 and hinge["coef_a"][0] == 0.0
+    assert hinge["loss"][2] == pytest.approx(2.0) and hinge["coef_a"][2] == pytest.approx(1.0)
+    ipo = finalize(*args, loss_type=2)
+    assert ipo["loss"][1] == 0.0 and ipo["coef_a"][1] == 0.0
+    assert ipo["loss"][0] == pytest.approx(2.25) and ipo["coef_a"][0] == pytest.approx(-3.0)

@@ -39,8 +39,19 @@ def accumulation_factor(n: int) -> float:
     return 8.0 + 2.0 * math.ceil(math.log2(max(n, 2)))
 
 
-def pair_conditions(e_th, e_rf, swap, weight, beta, lam):
-    """(S, K): lists of the per-pair condition numbers of the module docstring (float64)."""
+def _loss_slopes(z: float, beta: float, loss_type: str) -> tuple[float, float]:
+    """(|G|, r) with G = −dℓ/dz and r = |dG/dz|/|G| (σ(−z) and σ(z) for the sigmoid)."""
+    if loss_type == "hinge":
+        return (1.0 if z < 1.0 else 0.0), 0.0
+    if loss_type == "ipo":
+        hb = 0.5 * beta
+        return 2.0 * abs(z - 0.5) / (hb * hb), 1.0 / max(abs(z - 0.5), 1e-300)
+    return _sigmoid(-z), _sigmoid(z)
+
+
+def pair_conditions(e_th, e_rf, swap, weight, beta, lam, loss_type="sigmoid"):
+    """(S, K): lists of the per-pair condition numbers of the module docstring (float64);
+    for the hinge and ipo losses σ(−z) becomes |G| and σ(z) becomes r = |dG/dz|/|G|."""
     two_p = len(e_th)
     p = two_p // 2
     sw = [False] * p if swap is None else [bool(s) for s in swap]
@@ -66,8 +77,9 @@ def pair_conditions(e_th, e_rf, swap, weight, beta, lam):
         e_a = abs(e_th[a]) + abs(e_rf[a])
         e_b = abs(e_th[b]) + abs(e_rf[b])
         lin = 0.5 * beta * w[k] * (e_a + s_b * e_b)
-        s_out.append(_sigmoid(-z) * lin)
-        k_out.append(_sigmoid(z) * lin + (1.0 - s_b) * w[k] * e_b)
+        g_abs, r = _loss_slopes(z, beta, loss_type)
+        s_out.append(g_abs * lin)
+        k_out.append(r * lin + (1.0 - s_b) * w[k] * e_b)
     return s_out, k_out
 
 
