@@ -11,9 +11,12 @@ Environment:
   SNPO_BENCH_SAVE=1     CPU runs write to benchmarks/results too
   SNPO_BENCH_BUDGET_S   seconds after which remaining cases are skipped (recorded), so that a
                         time-limited run still writes its results (default 480 GPU, 60 CPU)
-  SNPO_BENCH_TRAINER    auto | none   the trainer-step rows (test_trainer_bench.py)
+  SNPO_BENCH_TRAINER    auto | full | none   the trainer-step rows (test_trainer_bench.py);
+                        full on a CPU: the sd15-small measurement instead of the tiny rows
   SNPO_BENCH_TRAINER_BUDGET_S  the same budget for the trainer-step rows, counted from their
-                        first row (default 300 GPU, 30 CPU)
+                        first row (default 300 GPU, 30 CPU, 1500 CPU full)
+  SNPO_BENCH_ROUNDS     interleaved rounds of the trainer-step rows (default 4–12 GPU, 4–8
+                        CPU, 6 CPU full)
 """
 
 from __future__ import annotations
@@ -55,12 +58,11 @@ PLANS: dict[str, dict[str, float]] = {
         "copy_bytes": 1 * H.GiB,
         "copy_repeats": 30,
         "budget_s": 480.0,
-        # trainer-step rows (wall clock of whole steps, synchronized)
-        "step_warmup_calls": 3,
-        "step_warmup_ms": 500.0,
-        "step_repeats_min": 5,
-        "step_repeats_max": 20,
-        "step_repeats_target_ms": 3000.0,
+        # trainer-step rows: interleaved rounds of whole steps (see test_trainer_bench.py)
+        "step_warmup_calls": 2,
+        "step_rounds_min": 4,
+        "step_rounds_max": 12,
+        "step_rounds_target_ms": 20000.0,
         "trainer_budget_s": 300.0,
     },
     "cpu": {
@@ -75,11 +77,10 @@ PLANS: dict[str, dict[str, float]] = {
         "copy_bytes": 32 * H.MiB,
         "copy_repeats": 5,
         "budget_s": 60.0,
-        "step_warmup_calls": 2,
-        "step_warmup_ms": 20.0,
-        "step_repeats_min": 3,
-        "step_repeats_max": 10,
-        "step_repeats_target_ms": 200.0,
+        "step_warmup_calls": 1,
+        "step_rounds_min": 4,
+        "step_rounds_max": 8,
+        "step_rounds_target_ms": 3000.0,
         "trainer_budget_s": 30.0,
     },
 }
@@ -92,6 +93,24 @@ def detect_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def trainer_plan(plan: dict[str, float], env: dict[str, str] | None = None) -> dict[str, float]:
+    """The plan with the trainer-step overrides: SNPO_BENCH_TRAINER=full on a CPU (the opt-in
+    sd15-small measurement) gets 6 rounds and a 1500 s budget; SNPO_BENCH_ROUNDS=N fixes the
+    number of rounds; SNPO_BENCH_TRAINER_BUDGET_S the budget."""
+    env = dict(os.environ) if env is None else env
+    out = dict(plan)
+    if env.get("SNPO_BENCH_TRAINER") == "full" and plan is PLANS["cpu"]:
+        out.update(step_rounds_min=6, step_rounds_max=6, trainer_budget_s=1500.0)
+    if env.get("SNPO_BENCH_ROUNDS"):
+        n = int(env["SNPO_BENCH_ROUNDS"])
+        if n < 1:
+            raise ValueError(f"SNPO_BENCH_ROUNDS={n}: at least 1")
+        out.update(step_rounds_min=n, step_rounds_max=n, step_rounds_target_ms=0.0)
+    if env.get("SNPO_BENCH_TRAINER_BUDGET_S"):
+        out["trainer_budget_s"] = float(env["SNPO_BENCH_TRAINER_BUDGET_S"])
+    return out
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -100,6 +119,24 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def _cpu_ident() -> str | None:
+    """'family 25 model 1' from /proc/cpuinfo (the model name alone can be just 'AMD EPYC')."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break
+    except OSError:
+        return None
+    if not fields:
+        return None
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:
@@ -118,14 +155,23 @@ def describe_device(device: torch.device) -> dict[str, Any]:
             f"{props.total_memory / H.GiB:.0f} GiB, L2 {l2 / H.MiB:.0f} MiB",
         }
     model = _cpu_model()
+    ident = _cpu_ident()
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - older torch
+        capability = None
+    extra = "".join(f", {x}" for x in (ident, capability and f"torch {capability}") if x)
     return {
         "type": "cpu",
         "name": f"CPU {model}",
         "slug": "cpu-" + H.slugify(model, 40),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_ident": ident,
+        "cpu_capability": capability,
         "l2_bytes": 0,
-        "detail": f"{os.cpu_count()} logical cores, {torch.get_num_threads()} torch thread(s)",
+        "detail": f"{os.cpu_count()} logical cores, {torch.get_num_threads()} torch thread(s)"
+        + extra,
     }
 
 
@@ -188,7 +234,7 @@ class BenchSession:
         self.on_gpu = self.device.type == "cuda"
         if not self.on_gpu:
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
-        self.plan = PLANS["cuda" if self.on_gpu else "cpu"]
+        self.plan = trainer_plan(PLANS["cuda" if self.on_gpu else "cpu"])
         self.grid = C.grid_name(self.on_gpu)
         self.cases = C.select_grid(self.grid)
         wanted = PR.wanted_providers()
@@ -206,9 +252,7 @@ class BenchSession:
         ]
         self.budget_s = float(os.environ.get("SNPO_BENCH_BUDGET_S", self.plan["budget_s"]))
         self.trainer_groups = TC.trainer_groups(self.on_gpu)
-        self.trainer_budget_s = float(
-            os.environ.get("SNPO_BENCH_TRAINER_BUDGET_S", self.plan["trainer_budget_s"])
-        )
+        self.trainer_budget_s = float(self.plan["trainer_budget_s"])
         self.trainer_started: float | None = None
         self.extra_meta: dict[str, Any] = {}  # sections other suites add to the results
         self.rows: list[dict[str, Any]] = []
@@ -250,6 +294,12 @@ class BenchSession:
             )
         return self._copy
 
+    def cpu_note(self) -> str:
+        full = any(
+            m in TC.TARGET_MODELS for m, _ in self.trainer_groups if not TC.MODELS[m].gpu_only
+        )
+        return R.CPU_FULL_NOTE if full else R.CPU_NOTE
+
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
@@ -282,7 +332,7 @@ class BenchSession:
             "date": now.date().isoformat(),
             "timestamp": now.isoformat(timespec="seconds"),
             "claim": self.on_gpu,
-            "note": None if self.on_gpu else R.CPU_NOTE,
+            "note": None if self.on_gpu else self.cpu_note(),
             "device": self.info,
             "versions": collect_versions(),
             "grid": self.grid,
@@ -353,7 +403,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     tr = terminalreporter
     tr.section("snpo benchmark results")
     if not s.on_gpu:
-        tr.write_line(R.CPU_NOTE)
+        tr.write_line(s.cpu_note())
     kernel = [r for r in s.rows if r.get("table") != "trainer"]
     trainer = [r for r in s.rows if r.get("table") == "trainer"]
     if kernel:

@@ -478,6 +478,130 @@ def summarize_targets(checks: Sequence[dict[str, Any]]) -> dict[str, dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------
+# Trainer-step rows: interleaved rounds, wall and CPU time, targets (issue 22)
+# ---------------------------------------------------------------------------------------------
+# against the reference step (the Diffusion-DPO-style row), same model, batch and device:
+TARGET_TRAINER_LIVE = 1.0  # live-fused-batched (ref_mode live)
+TARGET_TRAINER_CACHED = 1.5  # cached-fused-batched (ref_mode cache)
+TARGET_SD15_PAIRS_PER_HOUR = 30_000.0  # GPU, SD1.5 at 512 px, bf16 (Diffusion-DPO: ≈ 10.7k)
+TRAINER_TARGET_NAMES = {
+    "trainer_live": f"live · fused · batched ≥ {TARGET_TRAINER_LIVE:g}× the reference step",
+    "trainer_cached": f"cached · fused · batched ≥ {TARGET_TRAINER_CACHED:g}× the reference step",
+    "sd15_pairs_per_hour": f"GPU, SD1.5 512 px bf16: ≥ {TARGET_SD15_PAIRS_PER_HOUR:,.0f} pairs "
+    "per GPU-hour (the best P of cached · fused · batched)",
+}
+
+
+def rotated(items: Sequence[Any], r: int) -> list[Any]:
+    """The order of round ``r`` of an interleaved measurement: ``items`` rotated left by r
+    (A B C, B C A, C A B, ...), so that every row takes every position in turn."""
+    items = list(items)
+    if not items:
+        return []
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+def cpu_time_s() -> float:
+    """CPU time of this process (user + system, all threads), seconds."""
+    return time.process_time()
+
+
+def step_summary(wall_ms: Sequence[float], cpu_ms: Sequence[float]) -> dict[str, Any]:
+    """Median and min of per-step wall and process CPU times (ms), and how many there are."""
+    return {
+        "timer": "wall_clock+process_cpu",
+        "repeats": len(wall_ms),
+        "median_ms": statistics.median(wall_ms),
+        "min_ms": min(wall_ms),
+        "q20_ms": quantile(wall_ms, 0.2),
+        "q80_ms": quantile(wall_ms, 0.8),
+        "cpu_median_ms": statistics.median(cpu_ms),
+        "cpu_min_ms": min(cpu_ms),
+        "wall_ms": [round(x, 3) for x in wall_ms],
+        "cpu_ms": [round(x, 3) for x in cpu_ms],
+    }
+
+
+def _trainer_check(target: str, row: dict[str, Any], value: float, threshold: float):
+    ok = value >= threshold
+    by = value / threshold - 1.0
+    unit = " pairs/GPU-h" if target == "sd15_pairs_per_hour" else "×"
+    fmt = (lambda v: f"{v:,.0f}") if target == "sd15_pairs_per_hour" else (lambda v: f"{v:.2f}")
+    text = f"{fmt(value)}{unit} vs ≥ {fmt(threshold)}{unit}: " + (
+        f"pass by {by:.0%}" if ok else f"miss: {-by:.0%} short"
+    )
+    return {
+        "target": target,
+        "provider": row.get("variant"),
+        "case": row["case"],
+        "judged_on": row.get("judged_on"),
+        "value": value,
+        "threshold": threshold,
+        "pass": bool(ok),
+        "by": by,
+        "text": text,
+    }
+
+
+def evaluate_trainer_targets(
+    rows: Sequence[dict[str, Any]], target_models: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Pass/miss of the trainer targets for the measured rows of ``target_models``.
+
+    Rows need: model, pairs, variant, status, judged_on ("cpu": process CPU time, on CPU rows;
+    "wall": wall clock, on GPU rows), speedup_vs_reference / cpu_speedup_vs_reference,
+    pairs_per_hour, device_type, dtype."""
+    checks: list[dict[str, Any]] = []
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("model") not in target_models or row.get("status") != "ok":
+            continue
+        key = (
+            "cpu_speedup_vs_reference" if row.get("judged_on") == "cpu" else "speedup_vs_reference"
+        )
+        x = row.get(key)
+        if row.get("variant") == "live-fused-batched" and x is not None:
+            checks.append(_trainer_check("trainer_live", row, x, TARGET_TRAINER_LIVE))
+        if row.get("variant") == "cached-fused-batched" and x is not None:
+            checks.append(_trainer_check("trainer_cached", row, x, TARGET_TRAINER_CACHED))
+        if (
+            row.get("variant") == "cached-fused-batched"
+            and row.get("model") == "sd15"
+            and row.get("device_type") == "cuda"
+            and row.get("dtype") == "bfloat16"
+            and row.get("pairs_per_hour") is not None
+        ):
+            if row["pairs_per_hour"] > best.get("sd15", {}).get("pairs_per_hour", -1.0):
+                best["sd15"] = row
+    if "sd15" in best:
+        r = best["sd15"]
+        checks.append(
+            _trainer_check(
+                "sd15_pairs_per_hour", r, r["pairs_per_hour"], TARGET_SD15_PAIRS_PER_HOUR
+            )
+        )
+    return checks
+
+
+def summarize_trainer_targets(checks: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, desc in TRAINER_TARGET_NAMES.items():
+        mine = [c for c in checks if c["target"] == name]
+        if not mine:
+            continue
+        worst = min(mine, key=lambda c: c["by"])
+        out[name] = {
+            "description": desc,
+            "checks": len(mine),
+            "passed": sum(c["pass"] for c in mine),
+            "all_pass": all(c["pass"] for c in mine),
+            "worst": {k: worst[k] for k in ("provider", "case", "value", "threshold", "text")},
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Naming and places
 # ---------------------------------------------------------------------------------------------
 def slugify(text: str, max_len: int = 48) -> str:

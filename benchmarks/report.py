@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .harness import TARGET_NAMES, MiB, evaluate_targets, summarize_targets
+from .harness import (
+    TARGET_NAMES,
+    TRAINER_TARGET_NAMES,
+    MiB,
+    evaluate_targets,
+    evaluate_trainer_targets,
+    summarize_targets,
+    summarize_trainer_targets,
+)
 
 SCHEMA = 1
 PROVIDER_ORDER = ("eager", "compile", "triton", "cuda")
@@ -24,6 +32,11 @@ REF_ORDER = ("ref_pred", "ref_err")
 MODE_LABEL = {"fwd": "forward", "fwdbwd": "fwd+bwd"}
 CPU_NOTE = (
     "CPU run: these numbers exercise the harness on tiny shapes and are NOT performance claims."
+)
+CPU_FULL_NOTE = (
+    "CPU run with the sd15-small trainer rows (SNPO_BENCH_TRAINER=full): those rows are the "
+    "project's CPU measurement of the trainer step against the reference step (the trainer "
+    "targets are judged on them); any kernel rows and tiny-model rows only exercise the harness."
 )
 
 
@@ -45,21 +58,37 @@ def add_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _ratio(b: dict[str, Any] | None, r: dict[str, Any], key: str) -> float | None:
+    """b[key] / r[key] when both rows were measured (> 1: r is faster), else None."""
+    if b is None or r.get("status") != "ok" or b.get("status") != "ok":
+        return None
+    x, y = b.get(key), r.get(key)
+    return x / y if x and y else None
+
+
 def add_trainer_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copy trainer-step rows, adding speedup_vs_baseline: the baseline variant's (live
-    reference, fused loss, batched branches) median step time over this row's, same model and
-    pairs (> 1: faster), and mem_vs_baseline (peak memory over the baseline's)."""
+    """Copy trainer-step rows, adding, against the same model and pairs (> 1: this row is
+    faster): speedup_vs_baseline (the live · fused · batched row's median wall time over this
+    row's), speedup_vs_reference (the reference step's), cpu_speedup_vs_reference and
+    cpu_speedup_vs_baseline (the same with median process CPU time), and mem_vs_baseline
+    (peak memory over the baseline's)."""
     base: dict[tuple[str, int], dict[str, Any]] = {}
+    ref: dict[tuple[str, int], dict[str, Any]] = {}
     for r in rows:
         if r.get("status") == "ok" and r.get("baseline"):
             base[(r["model"], r["pairs"])] = r
+        if r.get("status") == "ok" and r.get("reference"):
+            ref[(r["model"], r["pairs"])] = r
     out = []
     for r in rows:
         r = dict(r)
-        b = base.get((r["model"], r["pairs"]))
-        ok = r.get("status") == "ok" and b is not None and r.get("median_ms")
-        r["speedup_vs_baseline"] = b["median_ms"] / r["median_ms"] if ok else None
+        b, f = base.get((r["model"], r["pairs"])), ref.get((r["model"], r["pairs"]))
+        r["speedup_vs_baseline"] = _ratio(b, r, "median_ms")
+        r["cpu_speedup_vs_baseline"] = _ratio(b, r, "cpu_median_ms")
+        r["speedup_vs_reference"] = _ratio(f, r, "median_ms")
+        r["cpu_speedup_vs_reference"] = _ratio(f, r, "cpu_median_ms")
         mem, bmem = r.get("peak_mem_bytes"), (b or {}).get("peak_mem_bytes")
+        ok = r.get("status") == "ok" and b is not None
         r["mem_vs_baseline"] = mem / bmem if ok and mem and bmem else None
         out.append(r)
     return out
@@ -93,11 +122,22 @@ def build_results(
         why = "no fused provider (triton, cuda) was measured in this run"
     else:
         why = None
+    trainer = add_trainer_ratios(trainer)
+    target_models = (meta.get("trainer") or {}).get("target_models") or ()
+    tchecks = evaluate_trainer_targets(trainer, target_models)
     return {
         "schema": SCHEMA,
         **meta,
         "rows": rows,
-        "trainer_rows": add_trainer_ratios(trainer),
+        "trainer_rows": trainer,
+        "trainer_targets": {
+            "evaluated": bool(tchecks),
+            "why_not": None
+            if tchecks
+            else "no row of " + ", ".join(target_models or ["a target model"]) + " was measured",
+            "summary": summarize_trainer_targets(tchecks),
+            "checks": tchecks,
+        },
         "targets": {
             "evaluated": bool(checks),
             "why_not": why,
@@ -172,7 +212,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     )
     lines = [f"# snpo {what} benchmarks — {dev['name']}, {results['date']}", ""]
     if not results.get("claim"):
-        lines += [f"> **{CPU_NOTE}**", ""]
+        lines += [f"> **{results.get('note') or CPU_NOTE}**", ""]
     copy = results.get("copy") or {}
     copy_text = (
         f"{fmt_rate(copy.get('bytes_per_s'))} (`torch.empty_like(x).copy_(x)` on "
@@ -320,13 +360,39 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 TRAINER_VARIANT_LABEL = {
-    "ref": {"live": "live forward", "cached": "cached `ref_err`"},
+    "ref": {
+        "live": "live (VAE + text + reference)",
+        "cached": "cache (latents, text, `ref_err`)",
+        "reference": "**Diffusion-DPO-style reference step**",
+    },
     "branches": {"batched": "one 2P forward", "split": "two forwards"},
 }
 
 
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def render_trainer_targets(results: dict[str, Any]) -> list[str]:
+    t = results.get("trainer_targets") or {}
+    if not t.get("evaluated"):
+        return [f"Trainer targets not evaluated: {t.get('why_not') or 'no rows'}.", ""]
+    body = []
+    for c in t["checks"]:
+        on = "CPU time" if c.get("judged_on") == "cpu" else "wall time"
+        body.append(
+            [
+                TRAINER_TARGET_NAMES.get(c["target"], c["target"]),
+                c["case"],
+                on,
+                ("PASS: " if c["pass"] else "MISS: ") + c["text"],
+            ]
+        )
+    return ["### Trainer targets", "", *_table(["target", "row", "judged on", "result"], body), ""]
+
+
 def render_trainer(results: dict[str, Any]) -> list[str]:
-    """The trainer-step section: one row per (model, pairs, variant)."""
+    """The trainer-step section: one row per (model, pairs, row), then the targets."""
     rows = results.get("trainer_rows") or []
     info = results.get("trainer") or {}
     lines = ["## Trainer step", ""]
@@ -341,15 +407,19 @@ def render_trainer(results: dict[str, Any]) -> list[str]:
     header = [
         "model",
         "P",
-        "reference",
+        "inputs & reference",
         "loss",
         "branches",
-        "median ms",
+        "wall median ms",
+        "wall min ms",
+        "CPU median ms",
+        "CPU min ms",
+        "steps",
         "pairs/s",
+        "× reference step",
+        "× reference (CPU)",
         "× baseline",
         "peak GPU mem",
-        "(× baseline)",
-        "resident before",
         "status",
     ]
     body = []
@@ -368,30 +438,38 @@ def render_trainer(results: dict[str, Any]) -> list[str]:
                 TRAINER_VARIANT_LABEL["ref"].get(r.get("ref"), str(r.get("ref"))),
                 loss,
                 TRAINER_VARIANT_LABEL["branches"].get(r.get("branches"), str(r.get("branches"))),
-                "—" if r.get("median_ms") is None else f"{r['median_ms']:.1f}",
+                _ms(r.get("median_ms")),
+                _ms(r.get("min_ms")),
+                _ms(r.get("cpu_median_ms")),
+                _ms(r.get("cpu_min_ms")),
+                str(r.get("repeats", "—")),
                 "—" if pps is None else f"{pps:.2f}",
+                fmt_x(r.get("speedup_vs_reference")),
+                fmt_x(r.get("cpu_speedup_vs_reference")),
                 fmt_x(r.get("speedup_vs_baseline")),
                 fmt_bytes(r.get("peak_mem_bytes")),
-                fmt_x(r.get("mem_vs_baseline")),
-                fmt_bytes(r.get("resident_bytes")),
                 status,
             ]
         )
     lines += _table(header, body)
     lines += [
         "",
-        "median ms: wall clock of one whole step (synchronized), median over the repeats after "
-        "a warm-up; pairs/s: P / median; × baseline: the live · fused · batched row's time "
-        "over this row's (> 1 is faster); peak GPU mem: `max_memory_allocated` during one step "
-        "(everything resident included); resident before: allocated just before it (weights, "
-        "master weights, optimizer states, reference copy, inputs).",
+        "wall / CPU ms: wall clock (synchronized) and process CPU time (user + system) of one "
+        "whole step, median and min over the interleaved rounds; steps: timed steps per row; "
+        "pairs/s: P / wall median; × reference step: the reference row's median over this "
+        "row's, wall time (× reference (CPU): CPU time; > 1 is faster); × baseline: the "
+        "live · fused · batched row's wall median over this row's; peak GPU mem: "
+        "`max_memory_allocated` during one step, everything of the group resident (all rows "
+        "share one model; `holds_bytes` in the JSON says what a run of the row keeps resident "
+        "besides the policy: reference copy, VAE, text encoders).",
         "",
     ]
+    lines += render_trainer_targets(results)
     return lines
 
 
 def trainer_summary_lines(results: dict[str, Any]) -> list[str]:
-    """One line per trainer-step row: model, P, variant, ms, pairs/s, × baseline, memory."""
+    """One line per trainer-step row: model, P, row, wall and CPU ms, × reference, × baseline."""
     out = []
     for r in results.get("trainer_rows") or []:
         head = f"{r['model']:<10} P={r['pairs']:<2} {r['variant']:<22}"
@@ -400,9 +478,17 @@ def trainer_summary_lines(results: dict[str, Any]) -> list[str]:
             continue
         mem = r.get("peak_mem_bytes")
         out.append(
-            f"{head} {r['median_ms']:9.1f} ms {r['pairs_per_s']:8.2f} pairs/s "
+            f"{head} {r['median_ms']:9.1f} ms wall {r.get('cpu_median_ms', float('nan')):9.1f} "
+            f"ms CPU {r['pairs_per_s']:8.2f} pairs/s  × ref "
+            f"{fmt_x(r.get('speedup_vs_reference')):>7} (CPU "
+            f"{fmt_x(r.get('cpu_speedup_vs_reference'))})  × base "
             f"{fmt_x(r.get('speedup_vs_baseline')):>7}"
             + ("" if mem is None else f"  peak {fmt_bytes(mem)}")
+        )
+    t = results.get("trainer_targets") or {}
+    for c in t.get("checks") or []:
+        out.append(
+            f"target {c['target']} {c['case']}: {'PASS' if c['pass'] else 'MISS'} {c['text']}"
         )
     return out
 
@@ -458,7 +544,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     if trainer:
         out += ["trainer step:", *trainer]
     if not results.get("claim"):
-        out.append(CPU_NOTE)
+        out.append(results.get("note") or CPU_NOTE)
     return out
 
 

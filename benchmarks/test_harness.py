@@ -512,46 +512,69 @@ def test_summary_lines(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------ trainer rows
-def _trainer_row(variant, median, mem=None, status="ok", model="sd15", pairs=8):
-    from .trainer_cases import BASELINE, Variant
+def _trainer_row(variant, median, mem=None, status="ok", model="sd15", pairs=8, cpu=None):
+    from .trainer_cases import BASELINE, REFERENCE_ID, Variant
 
-    v = Variant(*variant.split("-"))
+    if variant == REFERENCE_ID:
+        kind = {"ref": "reference", "loss": "eager DPO", "branches": "batched"}
+        baseline, backend = False, None
+    else:
+        v = Variant(*variant.split("-"))
+        kind = {"ref": v.ref, "loss": v.loss, "branches": v.branches}
+        baseline, backend = v == BASELINE, "triton" if v.loss == "fused" else "torch"
     return {
         "table": "trainer",
-        "case": f"{model}-P{pairs}-{v.id}",
+        "case": f"{model}-P{pairs}-{variant}",
         "model": model,
         "pairs": pairs,
-        "variant": v.id,
-        "ref": v.ref,
-        "loss": v.loss,
-        "branches": v.branches,
-        "baseline": v == BASELINE,
-        "backend": "triton" if v.loss == "fused" else "torch",
+        "variant": variant,
+        **kind,
+        "baseline": baseline,
+        "reference": variant == REFERENCE_ID,
+        "backend": backend,
+        "device_type": "cuda" if model in ("sd15", "sdxl") else "cpu",
+        "judged_on": "wall" if model in ("sd15", "sdxl") else "cpu",
+        "dtype": "bfloat16" if model in ("sd15", "sdxl") else "float32",
         "status": status,
         "reason": None if status == "ok" else "out of memory",
         "median_ms": median,
+        "min_ms": None if median is None else 0.9 * median,
+        "cpu_median_ms": None if median is None else (cpu or median),
+        "cpu_min_ms": None if median is None else 0.9 * (cpu or median),
+        "repeats": 6,
         "pairs_per_s": None if median is None else pairs / (median * 1e-3),
+        "pairs_per_hour": None if median is None else 3600 * pairs / (median * 1e-3),
         "peak_mem_bytes": mem,
         "resident_bytes": None if mem is None else mem // 2,
     }
 
 
+def _trainer_meta(claim: bool) -> dict:
+    return {"target_models": ["sd15-small", "sd15", "sdxl"], "note": "n", "timing": "t"}
+
+
 def test_trainer_rows_get_their_own_section():
     trainer = [
+        _trainer_row("reference", 400.0, mem=22 << 30),
         _trainer_row("live-fused-batched", 200.0, mem=20 << 30),
         _trainer_row("cached-fused-batched", 160.0, mem=18 << 30),
         _trainer_row("live-eager-split", None, status="skipped"),
     ]
     res = _results(True, [_row("eager", median=3.0), _row("triton", median=0.5), *trainer])
     assert [r["provider"] for r in res["rows"]] == ["eager", "triton"]  # kernel rows only
-    tr = res["trainer_rows"]
-    assert tr[0]["speedup_vs_baseline"] == 1.0 and tr[1]["speedup_vs_baseline"] == 1.25
-    assert tr[1]["mem_vs_baseline"] == pytest.approx(0.9) and tr[2]["speedup_vs_baseline"] is None
+    tr = {r["variant"]: r for r in res["trainer_rows"]}
+    assert tr["live-fused-batched"]["speedup_vs_baseline"] == 1.0
+    assert tr["cached-fused-batched"]["speedup_vs_baseline"] == 1.25
+    assert tr["cached-fused-batched"]["speedup_vs_reference"] == 2.5
+    assert tr["live-fused-batched"]["cpu_speedup_vs_reference"] == 2.0
+    assert tr["cached-fused-batched"]["mem_vs_baseline"] == pytest.approx(0.9)
+    assert tr["live-eager-split"]["speedup_vs_baseline"] is None
     md = R.render_markdown(res)
     assert "## Targets" in md and "## Trainer step" in md
     body = [ln for ln in md.splitlines() if ln.startswith("| sd15 | 8 |")]
-    assert len(body) == 3
-    assert "| cached `ref_err` | fused (triton) | one 2P forward | 160.0 | 50.00 | 1.25× |" in md
+    assert len(body) == 4
+    assert "| cache (latents, text, `ref_err`) | fused (triton) | one 2P forward | 160.0 |" in md
+    assert "| 2.50× | 2.50× | 1.25× |" in md
     assert "18.00 GiB" in md and "skipped: out of memory" in md
     lines = R.summary_lines(res)
     assert "trainer step:" in lines and any("cached-fused-batched" in ln for ln in lines)
@@ -562,17 +585,81 @@ def test_trainer_rows_get_their_own_section():
     assert "copy bandwidth" not in md and R.CPU_NOTE in md
 
 
+def test_trainer_targets():
+    rows = [
+        _trainer_row("reference", 10_000.0, model="sd15-small", pairs=2, cpu=9_000.0),
+        _trainer_row("live-fused-batched", 9_000.0, model="sd15-small", pairs=2, cpu=9_500.0),
+        _trainer_row("cached-fused-batched", 7_000.0, model="sd15-small", pairs=2, cpu=5_000.0),
+        _trainer_row("reference", 100.0, model="tiny-sd", pairs=2),  # never judged
+        _trainer_row("cached-fused-batched", 100.0, model="tiny-sd", pairs=2),
+        _trainer_row("reference", 1000.0, model="sd15", pairs=8),
+        _trainer_row("cached-fused-batched", 600.0, model="sd15", pairs=8),
+        _trainer_row("reference", 400.0, model="sd15", pairs=1),
+        _trainer_row("cached-fused-batched", 250.0, model="sd15", pairs=1),
+    ]
+    meta = {"claim": False, "trainer": _trainer_meta(False)}
+    res = R.build_results(
+        {"device": {"name": "x", "slug": "x"}, "date": "d", **meta}, rows, ("sd15",)
+    )
+    checks = {(c["target"], c["case"]): c for c in res["trainer_targets"]["checks"]}
+    # CPU rows are judged on CPU time: live 9000/9500 < 1 (miss) although its wall time wins
+    live = checks[("trainer_live", "sd15-small-P2-live-fused-batched")]
+    assert not live["pass"] and live["value"] == pytest.approx(9 / 9.5)
+    assert live["judged_on"] == "cpu"
+    cached = checks[("trainer_cached", "sd15-small-P2-cached-fused-batched")]
+    assert cached["pass"] and cached["value"] == pytest.approx(1.8)
+    assert not any(c["case"].startswith("tiny") for c in checks.values())
+    gpu = checks[("trainer_cached", "sd15-P8-cached-fused-batched")]
+    assert gpu["judged_on"] == "wall" and gpu["value"] == pytest.approx(1000 / 600)
+    # pairs per GPU-hour: the best P (8 pairs in 0.6 s = 48,000/h ≥ 30,000)
+    ph = checks[("sd15_pairs_per_hour", "sd15-P8-cached-fused-batched")]
+    assert ph["pass"] and ph["value"] == pytest.approx(48_000)
+    summ = res["trainer_targets"]["summary"]
+    assert summ["trainer_live"]["all_pass"] is False and summ["trainer_cached"]["checks"] == 3
+    md = R.render_markdown(res)
+    assert "### Trainer targets" in md and "MISS: 0.95× vs ≥ 1.00×" in md
+
+
+def test_interleaved_round_order():
+    assert H.rotated("ABC", 0) == list("ABC")
+    assert H.rotated("ABC", 1) == list("BCA") and H.rotated("ABC", 5) == list("CAB")
+    assert H.rotated([], 3) == []
+    s = H.step_summary([3.0, 1.0, 2.0, 10.0], [2.0, 1.0, 1.5, 9.0])
+    assert s["median_ms"] == 2.5 and s["min_ms"] == 1.0
+    assert s["cpu_median_ms"] == 1.75 and s["cpu_min_ms"] == 1.0 and s["repeats"] == 4
+
+
 def test_trainer_groups_and_variants():
-    from .trainer_cases import BASELINE, CPU_GROUPS, GPU_GROUPS, MODELS, VARIANTS, trainer_groups
+    from .conftest import PLANS, trainer_plan
+    from .trainer_cases import (
+        BASELINE,
+        CPU_FULL_GROUPS,
+        CPU_GROUPS,
+        GPU_GROUPS,
+        MODELS,
+        ROW_IDS,
+        TARGET_MODELS,
+        VARIANTS,
+        trainer_groups,
+    )
 
     assert len(VARIANTS) == 8 and VARIANTS[0] == BASELINE and len(set(VARIANTS)) == 8
+    assert ROW_IDS[0] == "reference" and len(ROW_IDS) == 9
     assert trainer_groups(True, {}) == list(GPU_GROUPS)
     assert trainer_groups(False, {}) == list(CPU_GROUPS) + list(GPU_GROUPS)
+    full = trainer_groups(False, {"SNPO_BENCH_TRAINER": "full"})
+    assert full == list(CPU_FULL_GROUPS) + list(GPU_GROUPS)
     assert trainer_groups(False, {"SNPO_BENCH_TRAINER": "none"}) == []
     with pytest.raises(ValueError, match="SNPO_BENCH_TRAINER"):
         trainer_groups(False, {"SNPO_BENCH_TRAINER": "all"})
     assert all(MODELS[m].gpu_only for m, _ in GPU_GROUPS)
-    assert not any(MODELS[m].gpu_only for m, _ in CPU_GROUPS)
+    assert not any(MODELS[m].gpu_only for m, _ in CPU_GROUPS + CPU_FULL_GROUPS)
+    assert all(m in TARGET_MODELS for m, _ in CPU_FULL_GROUPS + GPU_GROUPS)
+    assert not any(m in TARGET_MODELS for m, _ in CPU_GROUPS)
+    p = trainer_plan(PLANS["cpu"], {"SNPO_BENCH_TRAINER": "full"})
+    assert p["step_rounds_min"] == p["step_rounds_max"] == 6 and p["trainer_budget_s"] == 1500
+    p = trainer_plan(PLANS["cuda"], {"SNPO_BENCH_ROUNDS": "3", "SNPO_BENCH_TRAINER_BUDGET_S": "9"})
+    assert p["step_rounds_min"] == 3 and p["trainer_budget_s"] == 9.0
 
 
 def test_real_unet_configs_have_the_real_size():

@@ -1,11 +1,15 @@
-"""One training step of the trainer's own code (``snpo.step.preference_step`` + backward +
-AdamW), pairs/s and peak GPU memory: live reference forward vs cached reference errors, fused vs
-eager loss, both branches in one forward vs two. See ``trainer_cases.py`` for the models and
-the variants, benchmarks/README.md for the columns.
+"""One training step as ``snpo train`` runs it, against a Diffusion-DPO-style reference step on
+the same model and batch: live inputs and reference vs the cache, fused vs eager loss, both
+branches in one forward vs two. See ``trainer_cases.py`` for the models and rows,
+``reference_step.py`` for the reference row, benchmarks/README.md for the method and columns.
 
-One test per (model, pairs) group; it builds the UNet once and measures every variant, each a
-row of the results (``"table": "trainer"``, rendered as their own section). SD1.5/SDXL groups
-run on a GPU only; on a CPU two tiny UNets exercise the same code in seconds (not claims).
+One test per (model, pairs) group: it builds the model once and measures every row
+interleaved — warm-up, then rounds in rotated order (A B C, B C A, …), the weights and the
+optimizer restored before every step (``trainer_cases.Restorer``), wall clock and process CPU
+time per step, every loss checked to stay in ``trainer_cases.SANE_LOSS``. SD1.5/SDXL groups run
+on a GPU only; on a CPU two tiny models exercise the same code in seconds (not claims), and
+``SNPO_BENCH_TRAINER=full`` measures the SD1.5-structured ``sd15-small`` (the CPU rows the
+targets are judged on; a few minutes).
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ from . import harness as H
 from . import trainer_cases as TC
 
 STEP_NOTE = (
-    "One step = `snpo.step.preference_step` on P pairs (Diff-SNPO, β = 5000, λ = 0.9; one policy "
-    "forward over the 2P rows, half the pairs on the null-prompt branch) + `loss.backward()` + "
-    "gradient clipping at 1.0 + AdamW (fp32 master weights for bf16, as DeepSpeed's bf16 "
-    "optimizer), full fine-tune, no gradient checkpointing; random weights from the real UNet "
-    "configs and random inputs of the real shapes. Reference: a frozen copy's forward "
-    "(`live`) or the cached `ref_err` (no copy held). Loss: `fused` = backend auto (cuda → "
-    "triton → torch), `eager` = backend torch. Branches: one 2P forward or two forwards, one "
-    "per branch (the reference too). Data loading, VAE and text encoders are not in the step."
+    "Trainer rows: one step of `snpo train` (ZeRO-0, accumulation 1) on P pairs: "
+    "`pair_draws`; inputs live (`step.encode_batch`: VAE + text encoder) or from the cache "
+    "(stored posterior sampled with the draws, stored prompt embeddings and `ref_err`); "
+    "`preference_step` (Diff-SNPO, β = 5000, λ = 0.9, one policy forward over the 2P rows, half "
+    "the pairs on the null-prompt branch; the frozen reference copy's forward when live); "
+    "`backward`; one foreach gradient clip at 1.0; AdamW (fp32 masters for bf16 weights, as "
+    "DeepSpeed's bf16 optimizer); one host read. Reference row: the same micro-batch trained "
+    "as the public Diffusion-DPO `train.py` does (VAE sample + text encoder + reference UNet "
+    "every step, policy on the concatenated winner/loser batch, eager DPO loss, four `.item()` "
+    "log reads, default clip, AdamW), same weights, optimizer, pixels and prompts. Full "
+    "fine-tune, no gradient checkpointing, random weights from the real configs, random pixels "
+    "and prompts. Not in any row: data loading and decoding, the cache's shard read, DeepSpeed "
+    "itself."
 )
 
 
@@ -40,18 +49,28 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def _row(name: str, pairs: int, v: TC.Variant, dtype: torch.dtype) -> dict[str, Any]:
+def _row(name: str, pairs: int, row_id: str, dtype: torch.dtype, device) -> dict[str, Any]:
+    if row_id == TC.REFERENCE_ID:
+        kind = {"ref": "reference", "loss": "eager DPO", "branches": "batched"}
+        baseline = False
+    else:
+        v = TC.Variant(*row_id.split("-"))
+        kind = {"ref": v.ref, "loss": v.loss, "branches": v.branches}
+        baseline = v.is_baseline
     return {
         "table": "trainer",
-        "case": f"{name}-P{pairs}-{v.id}",
+        "case": f"{name}-P{pairs}-{row_id}",
         "model": name,
         "pairs": pairs,
-        "variant": v.id,
-        "ref": v.ref,
-        "loss": v.loss,
-        "branches": v.branches,
-        "baseline": v.is_baseline,
+        "variant": row_id,
+        **kind,
+        "baseline": baseline,
+        "reference": row_id == TC.REFERENCE_ID,
         "dtype": str(dtype).replace("torch.", ""),
+        "device_type": device.type,
+        # CPU rows are judged on process CPU time (steady on a shared machine), GPU rows on
+        # the wall clock (the host's CPU time says nothing about the GPU's)
+        "judged_on": "wall" if device.type == "cuda" else "cpu",
         "status": "pending",
         "reason": None,
     }
@@ -62,24 +81,28 @@ def _record_meta(bench) -> None:
     not_run = None
     if not bench.on_gpu:
         gpu = sorted({m for m, _ in TC.GPU_GROUPS})
-        not_run = f"{', '.join(gpu)} rows (GPU only: the real-size UNets need a CUDA device)"
+        not_run = f"{', '.join(gpu)} rows (GPU only: the real-size models need a CUDA device)"
         models = {m: lbl for m, lbl in models.items() if m not in gpu}
     plan = bench.plan
     dtype = str(_dtype(bench.on_gpu)).replace("torch.", "")
     bench.extra_meta["trainer"] = {
         "note": STEP_NOTE,
         "timing": (
-            f"Timing: {dtype} weights and activations; wall clock of whole steps with a "
-            f"synchronize each, median of {int(plan['step_repeats_min'])}–"
-            f"{int(plan['step_repeats_max'])} steps after a warm-up of ≥ "
-            f"{int(plan['step_warmup_calls'])} steps (the first, with its allocations and "
-            "autotuning, is kept in the JSON as first_call_ms); memory: one more step after "
-            "`reset_peak_memory_stats`."
+            f"Timing: {dtype} weights and activations. Every row's step is timed interleaved "
+            f"with the others: {int(plan['step_warmup_calls'])} warm-up step(s) per row, then "
+            f"{int(plan['step_rounds_min'])}–{int(plan['step_rounds_max'])} rounds, each row "
+            "once per round, the order rotated every round (A B C, B C A, …). Before every step "
+            "the weights and the optimizer state are restored (untimed): each step is the first "
+            "AdamW step from the same initial weights (loss log 2, checked in every step). Per "
+            "step: wall clock (synchronized) and process CPU time (user + system); min and "
+            "median per row. CPU rows are judged on CPU time, GPU rows on wall time. Memory "
+            "(GPU): one more step after `reset_peak_memory_stats`."
         ),
         "models": models,
         "groups": [f"{m}-P{p}" for m, p in bench.trainer_groups],
         "not_run": not_run,
         "budget_s": bench.trainer_budget_s,
+        "target_models": list(TC.TARGET_MODELS),
     }
 
 
@@ -89,44 +112,60 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(bench, group: TC.Group, v: TC.Variant, row: dict[str, Any]) -> None:
+def _measure_group(bench, group: TC.Group, rows: dict[str, dict[str, Any]]) -> None:
     from snpo_kernels.dispatch import resolve_backend
 
     device, plan = bench.device, bench.plan
-    row["backend"] = resolve_backend(v.backend, device, group.dtype)
-    row["params"] = group.num_params
-    row["branch_pairs"] = list(group.branch_pairs)
-    step, held = group.step_fn(v)
-    try:
-        w = H.warm_up(
-            step,
-            [None],
-            device,
-            min_calls=int(plan["step_warmup_calls"]),
-            min_ms=plan["step_warmup_ms"],
-            max_ms=max(2000.0, 4 * plan["step_repeats_target_ms"]),
-        )
-        row["first_call_ms"] = w.first_call_ms
-        repeats = H.repeats_for(
-            w.per_call_ms,
-            target_ms=plan["step_repeats_target_ms"],
-            lo=int(plan["step_repeats_min"]),
-            hi=int(plan["step_repeats_max"]),
-        )
-        t = H.time_wall_clock(step, [None], device, repeats)
-        row.update(t.summary())
-        row["pairs_per_s"] = group.pairs / (t.median_ms * 1e-3)
-        if device.type == "cuda":
+    for rid, row in rows.items():
+        row["params"] = group.num_params
+        row["branch_pairs"] = list(group.branch_pairs)
+        row["holds_bytes"] = group.holds_bytes(rid)
+        if rid != TC.REFERENCE_ID:
+            row["backend"] = resolve_backend(
+                TC.Variant(*rid.split("-")).backend, device, group.dtype
+            )
+    steps = group.steps()
+
+    def out_of_time() -> bool:
+        return time.monotonic() - bench.trainer_started > bench.trainer_budget_s
+
+    res = TC.measure_interleaved(
+        steps,
+        group.restorer.restore,
+        device,
+        warmup=int(plan["step_warmup_calls"]),
+        rounds_min=int(plan["step_rounds_min"]),
+        rounds_max=int(plan["step_rounds_max"]),
+        target_ms=float(plan["step_rounds_target_ms"]),
+        out_of_time=out_of_time,
+    )
+    for rid, row in rows.items():
+        rec = res[rid]
+        row["first_call_ms"] = rec["first_ms"]
+        if rec["error"] is not None:
+            row.update(status=rec["error"][0], reason=rec["error"][1])
+            continue
+        if not rec["wall"]:
+            row.update(status="skipped", reason="time budget spent before a timed round")
+            continue
+        row.update(H.step_summary(rec["wall"], rec["cpu"]))
+        row["loss_min"], row["loss_max"] = min(rec["loss"]), max(rec["loss"])
+        row["pairs_per_s"] = group.pairs / (row["median_ms"] * 1e-3)
+        row["pairs_per_hour"] = row["pairs_per_s"] * 3600.0
+        row["status"] = "ok"
+    if device.type == "cuda":
+        for rid, row in rows.items():
+            if row["status"] != "ok":
+                continue
+            group.restorer.restore()
             H.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             row["resident_bytes"] = int(torch.cuda.memory_allocated(device))
-            step()
+            steps[rid]()
             H.synchronize(device)
             row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device))
-        row["status"] = "ok"
-    finally:
-        del step, held
-        _free(device)
+            row["step_extra_bytes"] = row["peak_mem_bytes"] - row["resident_bytes"]
+        group.restorer.restore()
 
 
 def test_trainer_step(bench, trainer_group) -> None:
@@ -135,40 +174,29 @@ def test_trainer_step(bench, trainer_group) -> None:
     if "trainer" not in bench.extra_meta:
         _record_meta(bench)
     if spec.gpu_only and not bench.on_gpu:
-        pytest.skip(f"GPU only: the {name} UNet needs a CUDA device (CPU runs use tiny UNets)")
+        pytest.skip(f"GPU only: the {name} model needs a CUDA device (CPU runs use smaller ones)")
     missing = TC.diffusers_missing()
     dtype = _dtype(bench.on_gpu)
-    rows = [_row(name, pairs, v, dtype) for v in TC.VARIANTS]
-    bench.rows.extend(rows)
+    rows = {rid: _row(name, pairs, rid, dtype, bench.device) for rid in TC.ROW_IDS}
+    bench.rows.extend(rows.values())
     if missing:
-        for r in rows:
+        for r in rows.values():
             r.update(status="skipped", reason=missing)
         pytest.skip(missing)
     if bench.trainer_started is None:
         bench.trainer_started = time.monotonic()
+    if time.monotonic() - bench.trainer_started > bench.trainer_budget_s:
+        why = f"time budget spent (SNPO_BENCH_TRAINER_BUDGET_S={bench.trainer_budget_s:g})"
+        for r in rows.values():
+            r.update(status="skipped", reason=why)
+        pytest.skip(why)
     group = None
-    errors = []
     try:
         group = TC.Group(name, pairs, bench.device, dtype)
-        for v, row in zip(TC.VARIANTS, rows):
-            if time.monotonic() - bench.trainer_started > bench.trainer_budget_s:
-                row.update(
-                    status="skipped",
-                    reason=f"time budget spent (SNPO_BENCH_TRAINER_BUDGET_S="
-                    f"{bench.trainer_budget_s:g})",
-                )
-                continue
-            try:
-                _measure(bench, group, v, row)
-            except Exception as err:  # one variant failing must not hide the others
-                if _is_oom(err):
-                    row.update(status="skipped", reason="out of memory")
-                    continue
-                row.update(status="error", reason=f"{type(err).__name__}: {err}"[:300])
-                errors.append(f"{row['case']}: {row['reason']}")
+        _measure_group(bench, group, rows)
     except Exception as err:  # building the model and inputs failed
         oom = _is_oom(err)
-        for r in rows:
+        for r in rows.values():
             if r["status"] == "pending":
                 if oom:
                     r.update(status="skipped", reason="out of memory (model and inputs)")
@@ -181,22 +209,25 @@ def test_trainer_step(bench, trainer_group) -> None:
             group.close()
         del group
         _free(bench.device)
+    errors = [f"{r['case']}: {r['reason']}" for r in rows.values() if r["status"] == "error"]
     if errors:
         pytest.fail("; ".join(errors))
-    if all(r["status"] == "skipped" for r in rows):
-        pytest.skip(rows[0]["reason"])
+    if all(r["status"] == "skipped" for r in rows.values()):
+        pytest.skip(next(iter(rows.values()))["reason"])
 
 
 def test_split_branches_equals_one_forward() -> None:
     """The two-forward variant computes the same step as the batched one (the benchmark compares
-    equal work): same loss, same gradients, on the tiny SDXL-class UNet."""
+    equal work): same loss, same gradients, on the tiny SDXL-class model."""
     from snpo.step import StepModels, preference_step, unet_fn
 
     if TC.diffusers_missing():
         pytest.skip(TC.diffusers_missing())
     g = TC.Group("tiny-sdxl", 4, torch.device("cpu"), torch.float64)
     assert g.branch_pairs == (2, 2)
-    params = [p for p in g.unet.parameters() if p.requires_grad]
+    params = g.opt.params
+    draws = g.draws()
+    batch = g.cached_batch(draws)
     out = []
     for split in (False, True):
         fn = unet_fn(g.unet)
@@ -204,7 +235,7 @@ def test_split_branches_equals_one_forward() -> None:
             fn = TC.split_branches(fn, g.uncond_rows)
         sm = StepModels(g.model, fn, None, g.null, g.device, g.dtype)
         res = preference_step(
-            sm, g.batch, g.draws, objective="snpo", beta=5000.0, lam=0.9, ref_err=g.ref_err * 0.99
+            sm, batch, draws, objective="snpo", beta=5000.0, lam=0.9, ref_err=g.c_ref * 0.99
         )
         out.append((res.loss.detach(), torch.autograd.grad(res.loss, params)))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-10, atol=0)
@@ -219,13 +250,11 @@ def test_master_weights_step_updates_bf16_parameters() -> None:
         pytest.skip(TC.diffusers_missing())
     g = TC.Group("tiny-sd", 2, torch.device("cpu"), torch.bfloat16)
     before = [p.detach().clone() for p in g.unet.parameters()]
-    step, held = g.step_fn(TC.Variant("cached", "fused", "split"))
-    loss = step()
-    assert torch.isfinite(loss)
-    opt = held["optimizer"]
+    loss = g.step_fn(TC.Variant("cached", "fused", "split"))()
+    assert TC.is_sane(loss)
+    opt = g.opt
     assert opt.low and all(m.dtype == torch.float32 for m in opt.master)
     moved = [not torch.equal(a, p) for a, p in zip(before, g.unet.parameters())]
     assert sum(moved) > len(moved) // 2
     for m, p in zip(opt.master, opt.params):
         assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16))
-    assert "reference" not in held  # cached reference errors: no copy is made

@@ -1,19 +1,37 @@
-"""The trainer-step benchmark: UNet configs, the variants compared, the inputs, the step itself.
+"""The trainer-step benchmark: model configs, the rows compared, the inputs, the steps.
 
-One *training step* = the trainer's own :func:`snpo.step.preference_step` on a micro-batch of P
-pairs (ONE policy forward over the 2P rows, the reference forward under no_grad or the cached
-``ref_err``, the loss of ``snpo_kernels``), ``loss.backward()``, gradient clipping at 1.0 and an
-AdamW step — the work of one DeepSpeed ``backward`` + ``step`` of ``snpo train`` with ZeRO-0.
-bf16 runs update fp32 master copies of the bf16 weights, as DeepSpeed's bf16 optimizer does.
+One *training step* of a trainer row = what ``snpo train`` does for one micro-batch of P pairs
+with gradient accumulation 1 and ZeRO-0: the pairs' draws (:func:`snpo.draws.pair_draws`), the
+inputs — live: :func:`snpo.step.encode_batch` (VAE encode of the 2P images, text encoder on the
+P prompts); cached: the posterior mean/log-variance, prompt embeddings and ``ref_err`` as
+``snpo cache`` stores them, sampled with the draws' latent noise as
+:meth:`snpo.cache.Cache.encoded_batch` does —, :func:`snpo.step.preference_step` (ONE policy
+forward over the 2P rows; the reference forward under no_grad, or the cached ``ref_err``),
+``loss.backward()``, gradient clipping at 1.0 in one foreach pass, AdamW, one host read of the
+loss. bf16 runs update fp32 master copies of the bf16 weights, as DeepSpeed's bf16 optimizer
+does. Data loading (image decoding, collation) is in no row.
 
-Models: UNet2DConditionModel with random weights from the real SD1.5 and SDXL UNet configs
-(written out below: the parameter count and therefore the cost are the real ones; nothing is
-downloaded), and two tiny UNets for the CPU. Inputs: random latents, prompt embeddings (and
-SDXL pooled embeddings, time ids) of the real shapes; half the pairs on the null-prompt branch.
+The *reference step* (:mod:`benchmarks.reference_step`) is the same micro-batch trained the way
+the public Diffusion-DPO ``train.py`` does it: VAE encode + text encoder + reference UNet every
+step, the policy on the concatenated winner/loser batch, its eager loss, clipping, AdamW and its
+per-step ``.item()`` logging — on the same weights, optimizer, pixels and prompts.
 
-Variants, each a row (the baseline is live · fused · batched):
-  ref       live  = a frozen copy of the UNet runs a forward on the same 2P rows (full fine-tune)
-            cached = ``ref_err`` (2P floats) from ``snpo cache``: no reference held or run
+Before every step (warm-up and timed) the weights and the optimizer are restored
+(:class:`Restorer`): every step is the first AdamW step from the initial weights, so the loss
+stays log 2 (policy = reference) and no row times a run that has trained itself into subnormal
+gradients. The rows are timed interleaved, in rounds whose order rotates.
+
+Models: UNet2DConditionModel, AutoencoderKL and CLIP text encoders with random weights from the
+real SD1.5 and SDXL configs (written out here and in ``sd_models.py``: the parameter counts and
+therefore the costs are the real ones; nothing is downloaded); ``sd15-small``, SD1.5's
+structure at reduced width for the CPU rows; two tiny models for the CI subset. Inputs: random
+pixels in [-1, 1] and prompts of benchmark words; half the pairs on the null-prompt branch.
+
+Trainer variants, each a row (the baseline is live · fused · batched):
+  ref       live   = ``ref_mode: live``: VAE, text encoder and a frozen copy of the UNet (full
+                     fine-tune) run every step
+            cached = ``ref_mode: cache``: latents, text and ``ref_err`` from the cache; no VAE,
+                     text encoder or reference held or run
   loss      fused = ``backend="auto"`` (cuda → triton → torch; torch on a CPU)
             eager = ``backend="torch"`` (the PyTorch reference of the loss)
   branches  batched = both branches (conditional and null-prompt pairs) in one 2P forward
@@ -24,11 +42,17 @@ Variants, each a row (the baseline is live · fused · batched):
 from __future__ import annotations
 
 import copy
+import gc
+import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from . import harness as H
+from . import sd_models as SM
 
 # ---------------------------------------------------------------------------------------------
 # UNet configs (UNet2DConditionModel keyword arguments)
@@ -90,6 +114,13 @@ SDXL_UNET: dict[str, Any] = {
     "norm_eps": 1e-5,
 }
 
+# SD1.5's structure at a fifth of its width (CPU rows): 37,522,628 parameters, 256 px
+SD15_SMALL_UNET: dict[str, Any] = {
+    **SD15_UNET,
+    "sample_size": 32,
+    "block_out_channels": (64, 128, 256, 256),
+}
+
 # the tiny UNets of snpo.tiny (CPU harness checks; ~1 M parameters)
 TINY_SD_UNET: dict[str, Any] = {
     "sample_size": 8,
@@ -105,6 +136,7 @@ TINY_SD_UNET: dict[str, Any] = {
 }
 TINY_SDXL_UNET: dict[str, Any] = {
     **TINY_SD_UNET,
+    "cross_attention_dim": 64,  # two 32-wide text encoders, concatenated
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 6 * 8 + 32,
@@ -125,7 +157,8 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "sd15": ModelSpec(
-        "SD1.5 UNet (859.5 M params), 512 px: latent 4×64×64, text 77×768",
+        "SD1.5 (UNet 859.5 M params, VAE 83.7 M, CLIP-L text 123.1 M), 512 px: latent 4×64×64, "
+        "text 77×768",
         "sd",
         SD15_UNET,
         (4, 64, 64),
@@ -135,7 +168,8 @@ MODELS: dict[str, ModelSpec] = {
         True,
     ),
     "sdxl": ModelSpec(
-        "SDXL UNet (2567.5 M params), 1024 px: latent 4×128×128, text 77×2048 + pooled 1280",
+        "SDXL (UNet 2567.5 M params, VAE 83.7 M, CLIP-L 123.1 M + OpenCLIP-bigG 694.7 M text), "
+        "1024 px: latent 4×128×128, text 77×2048 + pooled 1280",
         "sdxl",
         SDXL_UNET,
         (4, 128, 128),
@@ -144,24 +178,36 @@ MODELS: dict[str, ModelSpec] = {
         1024,
         True,
     ),
+    "sd15-small": ModelSpec(
+        "SD1.5-structured UNet at channels 64/128/256/256 (37.5 M params), 256 px: latent "
+        "4×32×32, text 77×768; VAE of SD's structure at ¼ width (5.3 M), 2-layer CLIP-L-width "
+        "text encoder (15.0 M)",
+        "sd",
+        SD15_SMALL_UNET,
+        (4, 32, 32),
+        (77, 768),
+        None,
+        256,
+        False,
+    ),
     "tiny-sd": ModelSpec(
-        "tiny SD-class UNet (CPU harness check), latent 4×8×8, text 16×32",
+        "tiny SD-class model (CPU harness check): 16 px, 2× VAE, latent 4×8×8, text 16×32",
         "sd",
         TINY_SD_UNET,
         (4, 8, 8),
         (16, 32),
         None,
-        64,
+        16,
         False,
     ),
     "tiny-sdxl": ModelSpec(
-        "tiny SDXL-class UNet (CPU harness check), latent 4×8×8, text 16×32 + pooled 32",
+        "tiny SDXL-class model (CPU harness check): 16 px, latent 4×8×8, text 16×64 + pooled 32",
         "sdxl",
         TINY_SDXL_UNET,
         (4, 8, 8),
-        (16, 32),
+        (16, 64),
         32,
-        64,
+        16,
         False,
     ),
 }
@@ -170,11 +216,19 @@ MODELS: dict[str, ModelSpec] = {
 # at 1 and 2 pairs (a full fine-tune with fp32 master weights and Adam states is ~41 GB before
 # activations; larger micro-batches are recorded as out of memory where they do not fit).
 GPU_GROUPS: tuple[tuple[str, int], ...] = (("sd15", 1), ("sd15", 8), ("sdxl", 1), ("sdxl", 2))
+# CI subset on a CPU: the same code on tiny models in seconds (numbers that claim nothing)
 CPU_GROUPS: tuple[tuple[str, int], ...] = (("tiny-sd", 2), ("tiny-sdxl", 2))
+# the CPU measurement (opt-in, SNPO_BENCH_TRAINER=full: a few minutes on 2 cores)
+CPU_FULL_GROUPS: tuple[tuple[str, int], ...] = (("sd15-small", 2),)
+# models whose rows are judged against the targets; the tiny rows only check the harness
+TARGET_MODELS = ("sd15-small", "sd15", "sdxl")
 
 # The loss settings: Diff-SNPO (β = 5000, λ = 0.9); lr small (random weights, the value is moot).
 OBJECTIVE, BETA, LAM = "snpo", 5000.0, 0.9
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-6, 1e-2, 1.0
+# every step starts from policy = reference, where every objective's loss is log 2 ≈ 0.693; a
+# timed loss outside this range means the step did not do what the row says (the check fails)
+SANE_LOSS = (0.3, 1.2)
 
 
 @dataclass(frozen=True)
@@ -197,24 +251,31 @@ class Variant:
 
 
 BASELINE = Variant("live", "fused", "batched")
+CACHED_DEFAULT = Variant("cached", "fused", "batched")  # what snpo train runs from a cache
 VARIANTS: tuple[Variant, ...] = tuple(
     Variant(r, lo, b)
     for r in ("live", "cached")
     for lo in ("fused", "eager")
     for b in ("batched", "split")
 )
+REFERENCE_ID = "reference"  # the Diffusion-DPO-style step (benchmarks/reference_step.py)
+ROW_IDS: tuple[str, ...] = (REFERENCE_ID, *(v.id for v in VARIANTS))
 
 
 def trainer_groups(on_gpu: bool, env: dict[str, str] | None = None) -> list[tuple[str, int]]:
-    """The (model, pairs) groups this run parametrizes: GPU groups on a GPU; on a CPU the tiny
-    groups, plus the GPU groups (skipped with the reason). SNPO_BENCH_TRAINER=none drops all."""
+    """The (model, pairs) groups this run parametrizes. GPU: the GPU groups. CPU: the tiny
+    groups (``auto``) or the ``sd15-small`` measurement (``full``), plus the GPU groups (skipped
+    with the reason). SNPO_BENCH_TRAINER=none drops all."""
     env = dict(os.environ) if env is None else env
     mode = env.get("SNPO_BENCH_TRAINER", "auto") or "auto"
-    if mode not in ("auto", "none"):
-        raise ValueError(f"SNPO_BENCH_TRAINER={mode!r}: choose auto or none")
+    if mode not in ("auto", "none", "full"):
+        raise ValueError(f"SNPO_BENCH_TRAINER={mode!r}: choose auto, full or none")
     if mode == "none":
         return []
-    return list(GPU_GROUPS) if on_gpu else list(CPU_GROUPS) + list(GPU_GROUPS)
+    if on_gpu:
+        return list(GPU_GROUPS)
+    cpu = CPU_FULL_GROUPS if mode == "full" else CPU_GROUPS
+    return list(cpu) + list(GPU_GROUPS)
 
 
 def diffusers_missing() -> str | None:
@@ -229,20 +290,19 @@ def diffusers_missing() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the optimizer
+# the optimizer and its restoration
 # ---------------------------------------------------------------------------------------------
 class MasterAdamW:
     """AdamW on fp32 master copies of low-precision parameters (DeepSpeed's bf16 optimizer): the
     step casts the gradients to fp32, updates the masters and writes them back. fp32 parameters
-    are updated in place by a plain AdamW (fused on CUDA)."""
+    are updated in place. torch's AdamW with its default implementation, as ``snpo train``
+    constructs it (foreach on CUDA, per-tensor on a CPU)."""
 
     def __init__(self, params, *, lr: float, weight_decay: float) -> None:
         self.params = [p for p in params if p.requires_grad]
-        cuda = self.params[0].is_cuda
         self.low = self.params[0].dtype != torch.float32
         self.master = [p.detach().float().clone() for p in self.params] if self.low else self.params
-        kw = {"fused": True} if cuda else {"foreach": True}
-        self.opt = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay, **kw)
+        self.opt = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay)
 
     def step(self) -> None:
         if self.low:
@@ -259,6 +319,44 @@ class MasterAdamW:
         if self.low:
             for m in self.master:
                 m.grad = None
+
+
+class Restorer:
+    """The trainable weights (and fp32 masters) as they were when it was made, and the
+    optimizer's fresh state; :meth:`restore` puts both back in place (no reallocation) before a
+    step, so that every step is the first AdamW step from the same initial weights.
+
+    AdamW's fresh state is all zeros (``step``, ``exp_avg``, ``exp_avg_sq``, and
+    ``max_exp_avg_sq`` with amsgrad): zeroing the tensors of a state that one step has
+    allocated gives a step bit-identical to one on a freshly built optimizer
+    (``test_restore.py``). Gradients are set to None, as ``zero_grad`` does."""
+
+    def __init__(self, opt: MasterAdamW) -> None:
+        self.opt = opt
+        # one fp32 copy: the masters' (the bf16 weights are the masters rounded, exactly), or
+        # the fp32 weights themselves
+        with torch.no_grad():
+            self.saved = [m.detach().clone() for m in opt.master]
+        self.restores = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.saved)
+
+    def restore(self) -> None:
+        opt = self.opt
+        with torch.no_grad():
+            torch._foreach_copy_(opt.master, self.saved)
+            if opt.low:  # fp32 → bf16: the masters hold bf16 values, so the copy is exact
+                torch._foreach_copy_(opt.params, self.saved)
+        opt.zero_grad()
+        for state in opt.opt.state.values():
+            for k, v in list(state.items()):
+                if isinstance(v, torch.Tensor):
+                    v.zero_()
+                elif isinstance(v, (int, float)):
+                    state[k] = type(v)(0)
+        self.restores += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,96 +388,126 @@ def split_branches(fn, uncond_rows: torch.Tensor):
     return run
 
 
+def _nbytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.parameters())
+
+
 class Group:
-    """One model on the device with the inputs of P pairs; :meth:`step_fn` builds the training
-    step of a variant (and holds the reference copy only for live-reference variants)."""
+    """One model on the device with the inputs of P pairs, shared by every row of the group:
+    the policy UNet (trained by every row, restored before every step), its frozen reference
+    copy, VAE and text encoder(s), the pixels and prompts of the micro-batch, what ``snpo
+    cache`` stores for it, one optimizer and its :class:`Restorer`. :meth:`steps` builds the
+    step of every row."""
 
     def __init__(self, name: str, pairs: int, device: torch.device, dtype: torch.dtype) -> None:
-        from diffusers import UNet2DConditionModel
-        from diffusers.utils import logging as diffusers_logging
-
-        from snpo.draws import pair_draws
-        from snpo.models import DiffusionModel, PromptEmbeddings
-        from snpo.step import EncodedBatch, StepModels, reference_errors, unet_fn
+        from snpo.data import PairBatch
+        from snpo.models import DiffusionModel, encode_images, encode_prompts, null_embedding
+        from snpo.step import StepModels, reference_errors, time_id_rows, unet_fn
         from snpo.tiny import build_scheduler
 
         spec = MODELS[name]
         self.name, self.spec, self.pairs, self.device, self.dtype = name, spec, pairs, device, dtype
-        torch.manual_seed(0)
-        with torch.device(device):  # initialise on the device: seconds, not minutes, for SDXL
-            unet = UNet2DConditionModel(**spec.unet)
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # "modules to keep in float32: []" on .to(bf16)
-        try:
-            unet = unet.to(dtype)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
+        unet, vae, encs, toks = SM.build_parts(name, spec.unet, device=device, dtype=dtype)
         self.unet = unet.train().requires_grad_(True)
         self.num_params = sum(p.numel() for p in self.unet.parameters())
         self.model = DiffusionModel(
             unet=self.unet,
             scheduler=build_scheduler(),
-            text_encoders=[],
-            tokenizers=[],
-            vae=None,
+            text_encoders=encs,
+            tokenizers=toks,
+            vae=vae,
             family=spec.family,
             source=f"benchmark:{name}",
             force_zeros_for_empty_prompt=spec.family == "sdxl",
         )
-        p = pairs
+        if self.model.latent_scale * spec.latent[-1] != spec.resolution:
+            raise ValueError(f"{name}: VAE factor × latent size ≠ resolution {spec.resolution}")
+        # the frozen reference of a full fine-tune: a copy of the initial weights
+        self.reference = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        p, r = pairs, spec.resolution
         gen = torch.Generator(device="cpu").manual_seed(1)
-        latents = torch.randn((2 * p, *spec.latent), generator=gen)
-        embeds = torch.randn((p, *spec.text), generator=gen)
-        pooled = None if spec.pooled is None else torch.randn((p, spec.pooled), generator=gen)
-        tid = None
-        if spec.family == "sdxl":
-            r = spec.resolution
-            tid = torch.tensor([[r, r, 0, 0, r, r]] * (2 * p), dtype=torch.float32)
-        self.batch = EncodedBatch(
-            latents.to(device, dtype),
-            PromptEmbeddings(embeds, pooled).to(device=device, dtype=dtype),
-            None if tid is None else tid.to(device, dtype),
-        )
-        draws = pair_draws(0, 0, list(range(p)), spec.latent, self.model.scheduler, 0.5)
-        draws.uncond = torch.arange(p) % 2 == 1  # both branches once P ≥ 2
-        self.draws = draws.to(device)
-        self.branch_pairs = (int((~draws.uncond).sum()), int(draws.uncond.sum()))
-        L, D = spec.text
-        self.null = PromptEmbeddings(
-            torch.zeros(1, L, D), None if spec.pooled is None else torch.zeros(1, spec.pooled)
-        ).to(device=device, dtype=dtype)
-        # the cached reference errors: e_ref of the initial weights (the reference) on these rows
-        sm = StepModels(self.model, None, unet_fn(self.unet), self.null, device, dtype)
+        pixels = torch.rand((p, 2, 3, r, r), generator=gen) * 2.0 - 1.0  # as collate_pairs gives
+        self.prompts = SM.prompts(p)
+        size = torch.full((p, 2, 2), r, dtype=torch.long)
+        crop = torch.zeros((p, 2, 2), dtype=torch.long)
+        self.batch = PairBatch(torch.arange(p), 0, pixels, self.prompts, size, crop, [])
+        self.null = null_embedding(self.model).to(device=device, dtype=dtype)
+        self.uncond = torch.arange(p) % 2 == 1  # both branches once P ≥ 2
+        self.uncond_rows = torch.cat([self.uncond, self.uncond]).to(device)
+        self.branch_pairs = (int((~self.uncond).sum()), int(self.uncond.sum()))
+        # what `snpo cache` stores for these pairs, in host memory as its shards are: the VAE
+        # posterior in the default --latent_dtype (fp16 for fp32 runs, else the training dtype),
+        # the prompt embeddings in the training dtype, the reference errors (ref_inputs cache)
+        store = torch.float16 if dtype == torch.float32 else dtype
         with torch.no_grad():
-            self.ref_err = reference_errors(sm, self.batch, self.draws)
-        self.uncond_rows = torch.cat([self.draws.uncond, self.draws.uncond])
+            pix = torch.cat([pixels[:, 0], pixels[:, 1]]).to(device=device, dtype=dtype)
+            mean, logvar = encode_images(self.model, pix)
+            self.c_mean, self.c_logvar = mean.to("cpu", store), logvar.to("cpu", store)
+            self.c_text = encode_prompts(self.model, self.prompts).to(device="cpu", dtype=dtype)
+        self.c_tid = None
+        if spec.family == "sdxl":
+            self.c_tid = time_id_rows(torch.cat([size[:, 0], size[:, 1]]), torch.zeros(2 * p, 2), r)
+        sm = StepModels(self.model, None, unet_fn(self.reference), self.null, device, dtype)
+        draws = self.draws()
+        self.c_ref = reference_errors(sm, self.cached_batch(draws), draws).to("cpu")
+        self.opt = MasterAdamW(self.unet.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        self.restorer = Restorer(self.opt)
+        # what each kind of row needs resident besides the policy and its optimizer
+        self.frozen_bytes = {
+            "reference": _nbytes(self.reference),
+            "vae": _nbytes(vae),
+            "text": sum(_nbytes(e) for e in encs),
+        }
 
+    # -- inputs ---------------------------------------------------------------------------------
+    def draws(self):
+        """The pairs' draws as ``snpo train`` makes them each micro-step (seed 0, epoch 0), with
+        the null branch fixed to every second pair so that both branches are always present."""
+        from snpo.draws import pair_draws
+
+        d = pair_draws(0, 0, list(range(self.pairs)), self.spec.latent, self.model.scheduler, 0.5)
+        d.uncond = self.uncond.clone()
+        return d.to(self.device)
+
+    def cached_batch(self, draws):
+        """What :meth:`snpo.cache.Cache.encoded_batch` returns for the pairs, from the stored
+        posterior, prompt embeddings and time ids (the shard read itself is not included)."""
+        from snpo.step import EncodedBatch, latents_from_posterior
+
+        dev, dt = self.device, self.dtype
+        mean = self.c_mean.to(dev).to(dt)
+        logvar = self.c_logvar.to(dev).to(dt)
+        latents = latents_from_posterior(mean, logvar, draws).to(dt)
+        tid = None if self.c_tid is None else self.c_tid.to(device=dev, dtype=dt)
+        return EncodedBatch(latents, self.c_text.to(device=dev, dtype=dt), tid)
+
+    # -- steps ----------------------------------------------------------------------------------
     def step_fn(self, v: Variant):
-        """(the step as a callable of one ignored argument, the objects it holds) for ``v``."""
-        from snpo.step import StepModels, preference_step, unet_fn
+        """The training step of trainer variant ``v`` (a callable returning the loss as a
+        float: the step's one host read, as ``snpo train`` reads its metrics once per step)."""
+        from snpo.step import StepModels, encode_batch, preference_step, unet_fn
 
-        reference = None
-        held: dict[str, Any] = {}
-        if v.ref == "live":
-            held["reference"] = copy.deepcopy(self.unet).requires_grad_(False).eval()
-            reference = unet_fn(held["reference"])
+        live = v.ref == "live"
         policy = unet_fn(self.unet)
+        reference = unet_fn(self.reference) if live else None
         if v.branches == "split":
             policy = split_branches(policy, self.uncond_rows)
             reference = None if reference is None else split_branches(reference, self.uncond_rows)
         sm = StepModels(self.model, policy, reference, self.null, self.device, self.dtype)
-        params = [p for p in self.unet.parameters() if p.requires_grad]
-        for p in params:  # nothing left over from a variant that failed mid-step
-            p.grad = None
-        opt = MasterAdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        held["optimizer"] = opt
-        ref_err = self.ref_err if v.ref == "cached" else None
+        params, opt = self.opt.params, self.opt
 
-        def step(_=None) -> torch.Tensor:
+        def step(_=None) -> float:
+            draws = self.draws()
+            if live:
+                enc = encode_batch(sm, self.batch, draws)
+                ref_err = None
+            else:
+                enc = self.cached_batch(draws)
+                ref_err = self.c_ref.to(self.device)
             res = preference_step(
                 sm,
-                self.batch,
-                self.draws,
+                enc,
+                draws,
                 objective=OBJECTIVE,
                 beta=BETA,
                 lam=LAM,
@@ -390,11 +518,116 @@ class Group:
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=True)
             opt.step()
             opt.zero_grad()
-            return res.loss.detach()
+            return float(res.loss.detach())
 
-        return step, held
+        return step
+
+    def steps(self) -> dict[str, Any]:
+        """{row id: step} for the reference step and every trainer variant (ROW_IDS order)."""
+        from .reference_step import diffusion_dpo_step
+
+        out: dict[str, Any] = {REFERENCE_ID: diffusion_dpo_step(self)}
+        out.update({v.id: self.step_fn(v) for v in VARIANTS})
+        return out
+
+    def holds_bytes(self, row_id: str) -> int:
+        """Bytes of weights a run of this row keeps resident besides the policy, its gradients
+        and optimizer: the reference copy, VAE and text encoders for live/reference rows,
+        nothing for cached rows."""
+        if row_id.startswith("cached"):
+            return 0
+        return sum(self.frozen_bytes.values())
 
     def close(self) -> None:
         for p in self.unet.parameters():
             p.grad = None
-        del self.unet, self.model, self.batch
+        self.opt = self.restorer = None
+        del self.unet, self.reference, self.model, self.batch
+
+
+def is_sane(loss: float) -> bool:
+    return math.isfinite(loss) and SANE_LOSS[0] < loss < SANE_LOSS[1]
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_interleaved(
+    steps: dict[str, Any],
+    restore,
+    device: torch.device,
+    *,
+    warmup: int,
+    rounds_min: int,
+    rounds_max: int,
+    target_ms: float,
+    out_of_time=lambda: False,
+) -> dict[str, dict[str, Any]]:
+    """Time every step of ``steps`` ({row id: callable returning the loss}) in interleaved
+    rounds, ``restore()`` (untimed) before each call. Returns per row id: {"wall", "cpu",
+    "loss": lists over the timed steps, "first_ms", "error": None | (status, reason)}. A row
+    whose step raises or returns a loss outside ``SANE_LOSS`` is dropped from the rounds
+    with the reason; the others go on. Rounds stop after ``rounds_max``, or once
+    ``rounds_min`` are done and ``target_ms`` has passed, or when ``out_of_time()`` (after at
+    least one round)."""
+    res: dict[str, dict[str, Any]] = {
+        rid: {"wall": [], "cpu": [], "loss": [], "first_ms": None, "error": None} for rid in steps
+    }
+    active = list(steps)
+
+    def attempt(rid: str, timed: bool) -> None:
+        rec = res[rid]
+        try:
+            restore()
+            H.synchronize(device)
+            w0, c0 = time.perf_counter(), H.cpu_time_s()
+            loss = steps[rid]()
+            H.synchronize(device)
+            wall, cpu = (time.perf_counter() - w0) * 1e3, (H.cpu_time_s() - c0) * 1e3
+        except Exception as err:  # one row failing must not hide the others
+            rec["error"] = (
+                ("skipped", "out of memory")
+                if is_oom(err)
+                else ("error", f"{type(err).__name__}: {err}"[:300])
+            )
+            active.remove(rid)
+            restore()
+            _free(device)
+            return
+        if not is_sane(loss):
+            rec["error"] = (
+                "error",
+                f"loss {loss!r} outside {SANE_LOSS}: the step is not a real training step",
+            )
+            active.remove(rid)
+            return
+        if rec["first_ms"] is None:
+            rec["first_ms"] = wall
+        if timed:
+            rec["wall"].append(wall)
+            rec["cpu"].append(cpu)
+            rec["loss"].append(loss)
+
+    for k in range(warmup):
+        for rid in H.rotated(list(active), k):
+            attempt(rid, timed=False)
+    start = time.perf_counter()
+    for r in range(rounds_max):
+        if not active:
+            break
+        elapsed = (time.perf_counter() - start) * 1e3
+        if r >= rounds_min and elapsed >= target_ms:
+            break
+        if r >= 1 and out_of_time():
+            break
+        for rid in H.rotated(list(active), r):
+            attempt(rid, timed=True)
+    restore()
+    return res

@@ -1142,6 +1142,13 @@ class _Builder:
         self.built = 0
         self.skipped = 0
         self.times: dict[str, float] = {}
+        self.cpu_times: dict[str, float] = {}
+        self.sys_times: dict[str, float] = {}  # the system part of cpu_times
+        self.encodes = 0  # image variants through the VAE in this run
+        self.encode_s = 0.0  # seconds in those VAE forwards
+        self.prompts_encoded = 0
+        self.ref_epochs: set[int] = set()
+        self.latent_epochs_built: set[int] = set()
 
     # -- bookkeeping -------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -1192,7 +1199,7 @@ class _Builder:
     def run_units(self, section: str, units: list, build_one) -> None:
         from tqdm import tqdm
 
-        t0 = time.perf_counter()
+        t0, c0, s0 = time.perf_counter(), time.process_time(), os.times().system
         mine = units[self.rank :: self.world]
         todo = [u for u in mine if not self.done(section, u[0])]
         self.skipped += len(mine) - len(todo)
@@ -1208,6 +1215,9 @@ class _Builder:
             entry = write_shard(self.out, rel, tensors, meta, section=digest)
             self.record(section, rel, entry)
         self.times[section] = self.times.get(section, 0.0) + time.perf_counter() - t0
+        cpu = time.process_time() - c0  # this process (DataLoader workers not included)
+        self.cpu_times[section] = self.cpu_times.get(section, 0.0) + cpu
+        self.sys_times[section] = self.sys_times.get(section, 0.0) + os.times().system - s0
 
     # -- text --------------------------------------------------------------------------------
     def text_units(self):
@@ -1243,6 +1253,7 @@ class _Builder:
         prompts = self.unique[k * s : (k + 1) * s]
         embeds, pooled = [], []
         step = max(1, self.batch_size * 4)
+        self.prompts_encoded += len(prompts)
         for a in range(0, len(prompts), step):
             e = encode_prompts(m, prompts[a : a + step])
             embeds.append(e.embeds.to("cpu", dt))
@@ -1261,6 +1272,37 @@ class _Builder:
             return [(_latent_rel(k, None), k, None) for k in range(k_n)]
         return [(_latent_rel(k, e), k, e) for e in range(self.epochs) for k in range(k_n)]
 
+    def break_even(self) -> dict | None:
+        """What this run's build cost, in epochs of the live path's work on the same pairs, at
+        the build's own rates: a live step encodes both images and the prompt of every pair and
+        runs the reference on both rows, every epoch; a step from the cache does none of that.
+        {section: epochs of that section's live work, "total": the build's seconds over the
+        seconds one epoch of live work takes for the sections built, "runs": total / epochs}
+        (docs/cache.md, "Build cost and break-even"); None when nothing was built."""
+        live: dict[str, tuple[float, float]] = {}  # section: (build seconds, live epochs)
+        lay, lat_s = self.latent_layout, self.times.get("latents", 0.0)
+        if lat_s > 0 and self.encodes and self.encode_s > 0 and not lay["pixel_space"]:
+            # images a live epoch encodes = stored images (variants) or image-epochs (epochs)
+            per_epoch = self.encodes / lay["variants"] if lay["mode"] == "variants" else None
+            if per_epoch is None:
+                per_epoch = self.encodes / max(1, len(self.latent_epochs_built))
+            live["latents"] = (lat_s, lat_s / (self.encode_s / self.encodes * per_epoch))
+        text_s = self.times.get("text", 0.0)
+        if text_s > 0 and self.prompts_encoded:
+            live["text"] = (text_s, self.prompts_encoded * self.world / max(1, self.num_pairs))
+        ref_s = self.times.get("ref", 0.0)
+        if ref_s > 0 and self.ref_epochs:
+            live["ref"] = (ref_s, float(len(self.ref_epochs)))
+        if not live:
+            return None
+        build_s = sum(s for s, _ in live.values())
+        epoch_s = sum(s / e for s, e in live.values() if e > 0)
+        total = build_s / epoch_s if epoch_s > 0 else float("nan")
+        out = {k: round(e, 3) for k, (_, e) in live.items()}
+        out["total"] = round(total, 3)
+        out["runs"] = round(total / max(1, self.epochs), 3)
+        return out
+
     def _loader(self, dataset, keys, batch):
         return torch.utils.data.DataLoader(
             dataset,
@@ -1277,6 +1319,8 @@ class _Builder:
         first = k * self.shard_size
         idx = list(range(first, min(self.num_pairs, first + self.shard_size)))
         ds = _ImageItems(self.source, self.cfg, lay["mode"], v_n, epoch)
+        if epoch is not None:
+            self.latent_epochs_built.add(epoch)
         n = len(idx)
         c, h, w = lay["latent_shape"]
         store_dt = LATENT_DTYPES.get(self.latent_dtype, torch.float16)
@@ -1313,9 +1357,12 @@ class _Builder:
                 for (row, j, v), ui in zip(slots, u):
                     out["pixels"][row, j, v] = ui
                 continue
+            t0 = time.perf_counter()
             with torch.no_grad():
                 mean, logvar = encode_images(self.model, x.to(self.device).to(self.dtype))
             mean, logvar = mean.to("cpu").to(store_dt), logvar.to("cpu").to(store_dt)
+            self.encode_s += time.perf_counter() - t0
+            self.encodes += len(xs)
             if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
                 raise CacheError(
                     f"latents of pairs {items[0]['index']}..{items[-1]['index']} overflow "
@@ -1370,6 +1417,7 @@ class _Builder:
         from .step import encode_batch
 
         cfg, m = self.cfg, self.model
+        self.ref_epochs.add(epoch)
         first = k * self.shard_size
         idx = list(range(first, min(self.num_pairs, first + self.shard_size)))
         err = torch.full((len(idx), 2), float("nan"), dtype=torch.float32)
@@ -1480,6 +1528,48 @@ def _broadcast_text(text: str) -> str:
     return obj[0]
 
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@contextlib.contextmanager
+def _build_allocator(device: torch.device):
+    """A CPU build on glibc: keep freed buffers in the heap while the build runs.
+
+    A VAE forward over a batch of images allocates activations of tens to hundreds of MB each.
+    glibc serves allocations above its mmap threshold (which adapts up to 32 MiB) with fresh
+    mmaps and unmaps them on free, so every forward page-faults its whole working set in again,
+    zero-filled by the kernel: at 256 px and 32 images per forward that system time was as large
+    as the VAE's compute (docs/cache.md). Raising the mmap and trim thresholds for the build
+    lets those buffers be reused; afterwards they are set to the ceilings glibc's adaptive
+    thresholds reach (32 MiB, 64 MiB) and the heap is trimmed. DataLoader workers forked during
+    the build inherit the setting. ``SNPO_CACHE_MALLOC=0`` leaves the allocator alone; no-op on
+    a GPU or without glibc. Yields whether the thresholds were raised."""
+    libc, ok = None, [0]
+    if (
+        device.type == "cpu"
+        and sys.platform.startswith("linux")
+        and os.environ.get("SNPO_CACHE_MALLOC", "1") != "0"
+    ):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            big = ctypes.c_int(2**31 - 1)
+            ok = [libc.mallopt(_M_MMAP_THRESHOLD, big), libc.mallopt(_M_TRIM_THRESHOLD, big)]
+        except (OSError, AttributeError):
+            libc, ok = None, [0]
+    try:
+        yield libc is not None and all(ok)
+    finally:
+        if libc is not None:
+            import ctypes
+
+            libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(32 << 20))
+            libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(64 << 20))
+            libc.malloc_trim(ctypes.c_size_t(0))
+
+
 def build_cache(
     cfg,
     out: str | Path,
@@ -1538,7 +1628,10 @@ def build_cache(
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    with _writer_lock(out, rank, world, grouped=d is not None):
+    with (
+        _writer_lock(out, rank, world, grouped=d is not None),
+        _build_allocator(device) as tuned,
+    ):
         if world == 1:  # the only writer: tidy up after crashed runs
             remove_stale_tmp(out)
             if journal_paths(out):
@@ -1625,11 +1718,28 @@ def build_cache(
             "seconds": round(total, 3),
             "load_seconds": round(t_load, 3),
             "phase_seconds": {k: round(v, 3) for k, v in b.times.items()},
+            "phase_cpu_seconds": {k: round(v, 3) for k, v in b.cpu_times.items()},
+            "phase_sys_seconds": {k: round(v, 3) for k, v in b.sys_times.items()},
+            "vae_encodes": b.encodes,
+            "vae_seconds": round(b.encode_s, 3),
+            "allocator_tuned": tuned,
+            "break_even": b.break_even(),
         }
         b.log(
             f"done: {b.built} shard(s) built, {b.skipped} already there, {total:.1f} s "
             f"(phases: {summary['phase_seconds']})"
         )
+        be = summary["break_even"]
+        if be is not None:
+            label = {"latents": "latents", "text": "text", "ref": "reference errors"}
+            parts = ", ".join(f"{label[k]} {be[k]:.2f}" for k in label if k in be)
+            b.log(
+                f"break-even: this build cost {be['total']:.2f} epochs of the live path's "
+                f"VAE/text/reference work at its own rates ({parts}); each epoch trained from "
+                f"the cache saves one, so it pays for itself after {be['total']:.2f} epochs = "
+                f"{be['runs']:.2f} runs of {epochs} epoch(s), and one build serves a whole sweep "
+                "over beta, lam and the learning rate (docs/cache.md)"
+            )
         return summary
 
 

@@ -1,0 +1,218 @@
+"""The VAE and text-encoder configs of the benchmark's models, and whole models built from them.
+
+The UNet configs live in ``trainer_cases.py``. Here: the real SD1.5 / SDXL VAE and CLIP text
+encoder configs (random weights, nothing downloaded; the parameter counts and hence the costs are
+the real ones), the reduced SD1.5-structured model of the CPU rows (``sd15-small``: UNet channels
+64/128/256/256 = 37.5 M parameters, a 5.3 M VAE of SD's VAE structure at a quarter of its width,
+a 15.0 M two-layer CLIP text encoder of CLIP-L's width, 256 px → latents 4×32×32) and the tiny
+models of the CI subset (``snpo.tiny``'s shapes).
+
+:func:`build_model` makes a :class:`snpo.models.DiffusionModel` in memory; :func:`save_model`
+writes the same model as a diffusers folder that :func:`snpo.models.load_model` (and therefore
+``snpo cache`` / ``snpo train``) reads — the cache-build benchmark uses it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# words of the benchmark tokenizer (a real CLIP BPE tokenizer over a small vocabulary, one token
+# per word, snpo.tiny.build_tokenizer); the prompts below are made of them
+WORDS = (
+    "a photo of the an in on with at red blue green yellow black white orange purple pink "
+    "brown gray cat dog cube ball car tree house bird horse flower boat city mountain river "
+    "portrait painting drawing sunset night morning small large old new happy sad bright dark "
+    "detailed realistic cartoon style beautiful cinematic lighting"
+).split()
+
+# SD's VAE structure (stable-diffusion-v1-5/vae/config.json: 83,653,863 parameters)
+SD_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SDXL_VAE: dict[str, Any] = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025}
+# the same structure at a quarter of the width: 5,252,487 parameters
+SMALL_VAE: dict[str, Any] = {**SD_VAE, "block_out_channels": (32, 64, 128, 128), "sample_size": 256}
+# snpo.tiny.build_vae: a 2× VAE
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (8, 16),
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+}
+
+# CLIPTextConfig keyword arguments. CLIP ViT-L/14's text tower (SD1.5's and SDXL's first):
+# 123,060,480 parameters; OpenCLIP ViT-bigG/14's (SDXL's second, with projection): 694,659,840.
+CLIP_L: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+CLIP_BIGG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+# CLIP-L's width and 2 of its layers, a 1024-token vocabulary: 15,030,528 parameters
+CLIP_SMALL: dict[str, Any] = {**CLIP_L, "vocab_size": 1024, "num_hidden_layers": 2}
+TINY_CLIP: dict[str, Any] = {
+    "vocab_size": 1024,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 16,
+    "projection_dim": 32,
+}
+
+# per model of trainer_cases.MODELS: (VAE config, text-encoder configs, tokens per prompt)
+COMPONENTS: dict[str, tuple[dict[str, Any], tuple[dict[str, Any], ...], int]] = {
+    "sd15": (SD_VAE, (CLIP_L,), 77),
+    "sdxl": (SDXL_VAE, (CLIP_L, CLIP_BIGG), 77),
+    "sd15-small": (SMALL_VAE, (CLIP_SMALL,), 77),
+    "tiny-sd": (TINY_VAE, (TINY_CLIP,), 16),
+    "tiny-sdxl": (TINY_VAE, (TINY_CLIP, TINY_CLIP), 16),
+}
+
+
+def tokenizer(max_length: int):
+    from snpo.tiny import build_tokenizer
+
+    return build_tokenizer(list(WORDS), max_length=max_length)
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` prompts of 6–14 benchmark words (distinct with near certainty)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(6, 15, (1,), generator=gen))
+        idx = torch.randint(0, len(WORDS), (k,), generator=gen).tolist()
+        out.append(" ".join(WORDS[i] for i in idx))
+    return out
+
+
+def _quiet():
+    from diffusers.utils import logging as dl
+
+    class _Q:
+        def __enter__(self):
+            self.v = dl.get_verbosity()
+            dl.set_verbosity_error()
+
+        def __exit__(self, *a):
+            dl.set_verbosity(self.v)
+
+    return _Q()
+
+
+def build_parts(
+    name: str,
+    unet_config: dict[str, Any],
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """(unet, vae, text encoders, tokenizers) of model ``name`` with seeded random weights in
+    ``dtype`` on ``device`` (initialised there: seconds, not minutes, for SDXL on a GPU); the
+    VAE and text encoders in eval mode without gradients, the UNet as constructed."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vae_cfg, text_cfgs, tokens = COMPONENTS[name]
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    with _quiet(), torch.device(device):
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_cfg)
+    toks, encs = [], []
+    for j, tc in enumerate(text_cfgs):
+        tok = tokenizer(tokens)
+        eos = tok.convert_tokens_to_ids("<|endoftext|>")
+        conf = CLIPTextConfig(
+            **{**tc, "max_position_embeddings": tokens},
+            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+        if len(tok) > conf.vocab_size:
+            raise ValueError(f"tokenizer of {len(tok)} tokens > vocab_size {conf.vocab_size}")
+        cls = CLIPTextModelWithProjection if j == 1 else CLIPTextModel
+        torch.manual_seed(seed + 1 + j)
+        with torch.device(device):
+            encs.append(cls(conf))
+        toks.append(tok)
+    with _quiet():  # diffusers: "modules to keep in float32: []" on .to(bf16)
+        unet, vae = unet.to(dtype), vae.to(dtype)
+    encs = [e.to(dtype) for e in encs]
+    for m in (vae, *encs):
+        m.requires_grad_(False).eval()
+    return unet, vae, encs, toks
+
+
+def save_model(path: str | Path, name: str, unet_config: dict[str, Any], *, seed: int = 0) -> Path:
+    """Write model ``name`` as a diffusers folder (unet, vae, text encoder(s), tokenizer(s),
+    scheduler, model_index.json) that :func:`snpo.models.load_model` reads."""
+    from snpo.tiny import build_scheduler
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    unet, vae, encs, toks = build_parts(name, unet_config, seed=seed)
+    sdxl = len(encs) == 2
+    with _quiet():
+        unet.save_pretrained(path / "unet")
+        vae.save_pretrained(path / "vae")
+        build_scheduler().save_pretrained(path / "scheduler")
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    for j, (enc, tok) in enumerate(zip(encs, toks)):
+        sfx = "" if j == 0 else "_2"
+        enc.save_pretrained(path / f"text_encoder{sfx}")
+        tok.save_pretrained(path / f"tokenizer{sfx}")
+    if sdxl:
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+        index["force_zeros_for_empty_prompt"] = True
+    else:
+        index.update(
+            safety_checker=[None, None],
+            feature_extractor=[None, None],
+            requires_safety_checker=False,
+        )
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
