@@ -5,7 +5,7 @@
 // travel as raw pointers, the stream as an opaque cudaStream_t (void*); errors come back as a
 // Status naming the failed step, never as an exception across the boundary.
 //
-// Layout (the contract of shared/objectives.md): pred/target/ref_pred are contiguous (2P, N)
+// Layout (the contract of docs/objectives.md): pred/target/ref_pred are contiguous (2P, N)
 // row-major (any trailing shape flattened), rows 0..P-1 the winners, P..2P-1 the losers.
 #pragma once
 

@@ -45,7 +45,7 @@ from types import ModuleType
 
 import torch
 
-from .reference import gradient_coefficients, pair_logits, preference_loss_reference
+from .reference import gradient_coefficients, pair_logits, reference_of
 from .validation import LossInputs
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -95,18 +95,7 @@ class _TorchBackend:
 
     @staticmethod
     def run(x: LossInputs):
-        return preference_loss_reference(
-            x.pred,
-            x.target,
-            x.ref_pred,
-            x.ref_err,
-            x.swap,
-            x.weight,
-            x.beta,
-            x.lam,
-            x.reduction,
-            x.loss_type,
-        )
+        return reference_of(x)
 
 
 def _load(name: str) -> ModuleType | type[_TorchBackend] | str:

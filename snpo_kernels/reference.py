@@ -194,3 +194,19 @@ def gradient_coefficients(
     first = torch.where(swap, c_b, c_a)
     second = torch.where(swap, c_a, c_b)
     return torch.cat([first, second])
+
+
+def reference_of(x) -> torch.Tensor:
+    """:func:`preference_loss_reference` on validated inputs (a ``validation.LossInputs``):
+    the torch backend, and the fallback of the fused ones for float64 inputs."""
+    return preference_loss_reference(
+        x.pred, x.target, x.ref_pred, x.ref_err, x.swap, x.weight, x.beta, x.lam, x.reduction,
+        x.loss_type,
+    )  # fmt: skip
+
+
+def has_float64_operand(x) -> bool:
+    """Whether target, ref_pred or ref_err is float64 (the fused kernels compute in float32)."""
+    return any(
+        t is not None and t.dtype == torch.float64 for t in (x.target, x.ref_pred, x.ref_err)
+    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import preference_loss_reference
+from ..reference import has_float64_operand, reference_of
 from ..validation import LossInputs
 from . import ops
 
@@ -53,19 +53,8 @@ def _companion(t: torch.Tensor, pred_dtype: torch.dtype) -> torch.Tensor:
 def run(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, e_theta, e_ref): loss float32, scalar or (P,), differentiable w.r.t. x.pred only;
     e_theta / e_ref detached float32 (2P,)."""
-    if any(t is not None and t.dtype == torch.float64 for t in (x.target, x.ref_pred, x.ref_err)):
-        return preference_loss_reference(
-            x.pred,
-            x.target,
-            x.ref_pred,
-            x.ref_err,
-            x.swap,
-            x.weight,
-            x.beta,
-            x.lam,
-            x.reduction,
-            x.loss_type,
-        )
+    if has_float64_operand(x):
+        return reference_of(x)
     if not ops.loaded():
         ops.require()
     pred = x.pred.contiguous()

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..reference import preference_loss_reference
+from ..reference import has_float64_operand, reference_of
 from ..validation import LossInputs
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,19 +43,8 @@ def run(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     float64 and returns a float64 loss (docs/objectives.md), which the kernels do not do, so
     the PyTorch reference runs instead, as in the CUDA backend (float64 pred is refused by
     availability())."""
-    if any(t is not None and t.dtype == torch.float64 for t in (x.target, x.ref_pred, x.ref_err)):
-        return preference_loss_reference(
-            x.pred,
-            x.target,
-            x.ref_pred,
-            x.ref_err,
-            x.swap,
-            x.weight,
-            x.beta,
-            x.lam,
-            x.reduction,
-            x.loss_type,
-        )
+    if has_float64_operand(x):
+        return reference_of(x)
     from .op import triton_preference_loss
 
     loss, e_theta, e_ref, _ = triton_preference_loss(
