@@ -10,7 +10,7 @@ measurement in a fresh interpreter (so that one's allocator state cannot help an
 - ``live``: the trainer's live path for one micro-batch of P = 2 pairs
   (:func:`snpo.step.encode_latents`: one VAE forward over the 4 images), CPU time per image,
   as ``snpo train`` runs it; ``live_tuned``: the same under the build's allocator setting
-  (``snpo.cache._build_allocator``), i.e. the VAE's compute alone;
+  (``snpo.cache.build_allocator``), i.e. the VAE's compute alone;
 - ``build``: ``build_cache`` of every section (text, latents with both flip variants, reference
   errors for the epochs the config's run needs), CPU time per phase; ``build_untuned``: the
   latents phase with ``SNPO_CACHE_MALLOC=0`` (the allocator left alone: the build before the
@@ -134,7 +134,7 @@ def child_live(cfg_path: Path, *, tuned: bool, batches: int, pairs_per_step: int
 
     import torch
 
-    from snpo.cache import _build_allocator
+    from snpo.cache import build_allocator
     from snpo.config import load_config
     from snpo.data import PairDataset, collate_pairs, open_source
     from snpo.draws import pair_draws
@@ -143,7 +143,7 @@ def child_live(cfg_path: Path, *, tuned: bool, batches: int, pairs_per_step: int
 
     cfg = load_config(cfg_path)
     model = load_model(cfg.model)
-    ctx = _build_allocator(torch.device("cpu")) if tuned else contextlib.nullcontext(False)
+    ctx = build_allocator(torch.device("cpu")) if tuned else contextlib.nullcontext(False)
     ds = PairDataset(
         open_source(cfg), resolution=cfg.resolution, seed=cfg.seed, random_crop=False,
         random_flip=True, on_bad_image="skip",

@@ -5,23 +5,22 @@ encoder configs (random weights, nothing downloaded; the parameter counts and he
 the real ones), the reduced SD1.5-structured model of the CPU rows (``sd15-small``: UNet channels
 64/128/256/256 = 37.5 M parameters, a 5.3 M VAE of SD's VAE structure at a quarter of its width,
 a 15.0 M two-layer CLIP text encoder of CLIP-L's width, 256 px → latents 4×32×32) and the tiny
-models of the CI subset (``snpo.tiny``'s shapes).
+models of the CI subset (``snpo.models.tiny``'s shapes).
 
-:func:`build_model` makes a :class:`snpo.models.DiffusionModel` in memory; :func:`save_model`
-writes the same model as a diffusers folder that :func:`snpo.models.load_model` (and therefore
-``snpo cache`` / ``snpo train``) reads — the cache-build benchmark uses it.
+:func:`build_parts` makes the components in memory; :func:`save_model` writes the same model as a
+diffusers folder (:func:`snpo.models.tiny.save_model_folder`) that :func:`snpo.models.load_model`
+(and therefore ``snpo cache`` / ``snpo train``) reads — the cache-build benchmark uses it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 # words of the benchmark tokenizer (a real CLIP BPE tokenizer over a small vocabulary, one token
-# per word, snpo.tiny.build_tokenizer); the prompts below are made of them
+# per word, snpo.models.tiny.build_tokenizer); the prompts below are made of them
 WORDS = (
     "a photo of the an in on with at red blue green yellow black white orange purple pink "
     "brown gray cat dog cube ball car tree house bird horse flower boat city mountain river "
@@ -46,7 +45,7 @@ SD_VAE: dict[str, Any] = {
 SDXL_VAE: dict[str, Any] = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025}
 # the same structure at a quarter of the width: 5,252,487 parameters
 SMALL_VAE: dict[str, Any] = {**SD_VAE, "block_out_channels": (32, 64, 128, 128), "sample_size": 256}
-# snpo.tiny.build_vae: a 2× VAE
+# snpo.models.tiny.build_vae: a 2× VAE
 TINY_VAE: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
@@ -103,7 +102,7 @@ COMPONENTS: dict[str, tuple[dict[str, Any], tuple[dict[str, Any], ...], int]] = 
 
 
 def tokenizer(max_length: int):
-    from snpo.tiny import build_tokenizer
+    from snpo.models import build_tokenizer
 
     return build_tokenizer(list(WORDS), max_length=max_length)
 
@@ -145,7 +144,9 @@ def build_parts(
     ``dtype`` on ``device`` (initialised there: seconds, not minutes, for SDXL on a GPU); the
     VAE and text encoders in eval mode without gradients, the UNet as constructed."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from snpo.models import clip_text_config
 
     vae_cfg, text_cfgs, tokens = COMPONENTS[name]
     device = torch.device(device)
@@ -156,13 +157,7 @@ def build_parts(
     toks, encs = [], []
     for j, tc in enumerate(text_cfgs):
         tok = tokenizer(tokens)
-        eos = tok.convert_tokens_to_ids("<|endoftext|>")
-        conf = CLIPTextConfig(
-            **{**tc, "max_position_embeddings": tokens},
-            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
+        conf = clip_text_config(tok, **{**tc, "max_position_embeddings": tokens})
         if len(tok) > conf.vocab_size:
             raise ValueError(f"tokenizer of {len(tok)} tokens > vocab_size {conf.vocab_size}")
         cls = CLIPTextModelWithProjection if j == 1 else CLIPTextModel
@@ -181,38 +176,15 @@ def build_parts(
 def save_model(path: str | Path, name: str, unet_config: dict[str, Any], *, seed: int = 0) -> Path:
     """Write model ``name`` as a diffusers folder (unet, vae, text encoder(s), tokenizer(s),
     scheduler, model_index.json) that :func:`snpo.models.load_model` reads."""
-    from snpo.tiny import build_scheduler
+    from snpo.models import build_scheduler, save_model_folder
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     unet, vae, encs, toks = build_parts(name, unet_config, seed=seed)
-    sdxl = len(encs) == 2
     with _quiet():
-        unet.save_pretrained(path / "unet")
-        vae.save_pretrained(path / "vae")
-        build_scheduler().save_pretrained(path / "scheduler")
-    index: dict[str, Any] = {
-        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-    }
-    for j, (enc, tok) in enumerate(zip(encs, toks)):
-        sfx = "" if j == 0 else "_2"
-        enc.save_pretrained(path / f"text_encoder{sfx}")
-        tok.save_pretrained(path / f"tokenizer{sfx}")
-    if sdxl:
-        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
-        index["force_zeros_for_empty_prompt"] = True
-    else:
-        index.update(
-            safety_checker=[None, None],
-            feature_extractor=[None, None],
-            requires_safety_checker=False,
+        return save_model_folder(
+            path,
+            unet=unet,
+            text_encoders=encs,
+            tokenizers=toks,
+            scheduler=build_scheduler(),
+            vae=vae,
         )
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    return path

@@ -51,13 +51,13 @@ def _glibc() -> bool:
 
 
 def test_allocator_setting_can_be_turned_off(monkeypatch) -> None:
-    from snpo.cache import _build_allocator
+    from snpo.cache import build_allocator
 
     monkeypatch.setenv("SNPO_CACHE_MALLOC", "0")
-    with _build_allocator(torch.device("cpu")) as tuned:
+    with build_allocator(torch.device("cpu")) as tuned:
         assert tuned is False
     monkeypatch.delenv("SNPO_CACHE_MALLOC")
-    with _build_allocator(torch.device("cpu")) as tuned:
+    with build_allocator(torch.device("cpu")) as tuned:
         assert tuned is _glibc()
         x = torch.ones(1 << 20)  # allocations work under the setting
         assert float(x.sum()) == float(1 << 20)

@@ -121,7 +121,7 @@ SD15_SMALL_UNET: dict[str, Any] = {
     "block_out_channels": (64, 128, 256, 256),
 }
 
-# the tiny UNets of snpo.tiny (CPU harness checks; ~1 M parameters)
+# the tiny UNets of snpo.models.tiny (CPU harness checks; ~1 M parameters)
 TINY_SD_UNET: dict[str, Any] = {
     "sample_size": 8,
     "in_channels": 4,
@@ -401,9 +401,14 @@ class Group:
 
     def __init__(self, name: str, pairs: int, device: torch.device, dtype: torch.dtype) -> None:
         from snpo.data import PairBatch
-        from snpo.models import DiffusionModel, encode_images, encode_prompts, null_embedding
+        from snpo.models import (
+            DiffusionModel,
+            build_scheduler,
+            encode_images,
+            encode_prompts,
+            null_embedding,
+        )
         from snpo.step import StepModels, reference_errors, time_id_rows, unet_fn
-        from snpo.tiny import build_scheduler
 
         spec = MODELS[name]
         self.name, self.spec, self.pairs, self.device, self.dtype = name, spec, pairs, device, dtype

@@ -19,12 +19,12 @@ import sys
 
 COMMANDS = {
     "train": "snpo.train",
-    "cache": "snpo.cache",
-    "sample": "snpo.sample",
-    "merge": "snpo.merge",
-    "eval": "snpo.evaluate",
+    "cache": "snpo.cache.cli",
+    "sample": "snpo.tools.sample",
+    "merge": "snpo.tools.merge",
+    "eval": "snpo.tools.evaluate",
     "world": "snpo.world.__main__",
-    "demo": "snpo.demo",
+    "demo": "snpo.world.demo",
 }
 
 

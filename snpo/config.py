@@ -111,7 +111,11 @@ class TrainConfig:
     """All options of ``snpo train`` (see docs/trainer.md for the generated table)."""
 
     # --- model -------------------------------------------------------------------------
-    model: str = _f("", "diffusers model folder or hub id (SD1.5- or SDXL-class)")
+    model: str = _f(
+        "",
+        "diffusers model folder or hub id: SD1.5-, SDXL-, SD3/SD3.5- or FLUX.1-dev-class "
+        "(docs/flow.md for the flow-matching families)",
+    )
     revision: str | None = _f(None, "hub revision of `model`")
     variant: str | None = _f(None, 'weights variant of `model` (e.g. "fp16")')
     # --- objective ---------------------------------------------------------------------
@@ -133,7 +137,27 @@ class TrainConfig:
     weighting: Literal["constant", "elbo"] = _f(
         "constant",
         'per-pair weight: "constant" = 1 (Diffusion-DPO code) or "elbo" = T·ω(t), '
-        "ω(t) = β_t / (2·α_t·(1 − ᾱ_t)) (DDPM ELBO weight, σ_t² = β_t)",
+        "ω(t) = β_t / (2·α_t·(1 − ᾱ_t)) (DDPM ELBO weight, σ_t² = β_t); flow-matching "
+        "families: (1 − σ)/σ, the ELBO weight in velocity units (docs/flow.md)",
+    )
+    # --- flow matching (SD3/SD3.5, FLUX) ------------------------------------------------
+    flow_sigma_sampler: Literal["logit_normal", "uniform", "mode"] = _f(
+        "logit_normal",
+        "how σ is drawn from the pair's uniform u: logit-normal (SD3's training), uniform, or "
+        "SD3's mode sampling",
+    )
+    flow_logit_mean: float = _f(0.0, "logit_normal: mean of logit(σ)")
+    flow_logit_std: float = _f(1.0, "logit_normal: standard deviation of logit(σ)")
+    flow_mode_scale: float = _f(1.29, "mode sampling: its scale")
+    flow_shift: float | None = _f(
+        None,
+        "timestep shift σ' = sσ/(1 + (s − 1)σ) after sampling; null = the training scheduler's "
+        "static shift (3.0 for SD3.5), 1 = none",
+    )
+    guidance_scale: float = _f(
+        3.5,
+        "FLUX.1-dev-class (guidance-distilled) models: the embedded guidance the denoiser gets "
+        "while training",
     )
     # --- data --------------------------------------------------------------------------
     train_data: list[str] = _f(
@@ -164,7 +188,9 @@ class TrainConfig:
     lora_rank: int = _f(0, "LoRA rank; 0 = full fine-tune")
     lora_alpha: float | None = _f(None, "LoRA alpha (default: lora_rank)")
     lora_targets: list[str] = _f(
-        ["to_q", "to_k", "to_v", "to_out.0"], "UNet module names that get LoRA adapters"
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        "denoiser (UNet / transformer) module names that get LoRA adapters (SD3/FLUX: also the "
+        "context projections, see snpo/configs/sd35m_snpo_lora.yaml)",
     )
     # --- optimisation ------------------------------------------------------------------
     learning_rate: float = _f(1e-5, "AdamW learning rate (before scale_lr)")
@@ -189,7 +215,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "training precision (fp16 needs CUDA; bf16 works on CPU)"
     )
-    gradient_checkpointing: bool = _f(False, "UNet gradient checkpointing")
+    gradient_checkpointing: bool = _f(False, "denoiser (UNet / transformer) gradient checkpointing")
     attention: Literal["sdpa", "xformers"] = _f(
         "sdpa", "attention backend (xformers: CUDA only, optional extra)"
     )
@@ -499,6 +525,14 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
         raise ConfigError("model: required (a diffusers model folder or a hub id)")
     if not cfg.beta > 0 or cfg.beta == float("inf"):
         raise ConfigError(f"beta: must be a finite number > 0, got {cfg.beta}")
+    if not 0.0 < cfg.flow_logit_std < float("inf"):
+        raise ConfigError(f"flow_logit_std: must be a finite number > 0, got {cfg.flow_logit_std}")
+    if cfg.flow_shift is not None and not 0.0 < cfg.flow_shift < float("inf"):
+        raise ConfigError(
+            f"flow_shift: must be a finite number > 0 (1 = none), got {cfg.flow_shift}"
+        )
+    if not 0.0 <= cfg.guidance_scale < float("inf"):
+        raise ConfigError(f"guidance_scale: must be a finite number ≥ 0, got {cfg.guidance_scale}")
     if cfg.lam is not None and not 0.0 < cfg.lam <= 1.0:
         raise ConfigError(f"lam: must lie in (0, 1] (1 = unbounded DPO), got {cfg.lam}")
     if not 0.0 <= cfg.uncond_prob <= 1.0:
@@ -649,8 +683,7 @@ def _validate_system(cfg: TrainConfig) -> None:
 
 def _validate_files(cfg: TrainConfig) -> None:
     if os.path.exists(cfg.model):
-        if not (Path(cfg.model) / "unet").is_dir():
-            raise ConfigError(f"model: {cfg.model!r} is not a diffusers folder (no unet/)")
+        _validate_family(cfg)
     elif cfg.model.startswith((".", "/")) or "/" not in cfg.model:
         raise ConfigError(f"model: {cfg.model!r} is neither an existing folder nor a hub id")
     factor = _vae_factor(cfg.model)
@@ -670,6 +703,29 @@ def _validate_files(cfg: TrainConfig) -> None:
                 raise ConfigError(f"train_data: the glob {pat!r} matches no file")
         elif not os.path.isfile(pat):
             raise ConfigError(f"train_data: file {pat!r} does not exist")
+
+
+def _validate_family(cfg: TrainConfig) -> None:
+    """The model folder is of a known family, and the objective fits it: a family without a
+    null (unconditional) branch cannot train the reversed-preference branch."""
+    from snpo.models import ModelLoadError, detect_family, get_family
+
+    try:
+        family = get_family(detect_family(cfg.model))
+    except ModelLoadError as err:
+        raise ConfigError(f"model: {err}") from None
+    if not family.has_null_branch:
+        from snpo.models.flux import check_objective
+
+        try:
+            check_objective(cfg.objective, family.has_null_branch)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if cfg.uncond_prob:
+            raise ConfigError(
+                f"uncond_prob: {cfg.uncond_prob} but {family.name}-class models have no null "
+                "branch to drop captions into; set uncond_prob: 0"
+            )
 
 
 # --------------------------------------------------------------------------------------------

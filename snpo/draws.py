@@ -15,8 +15,9 @@ fixed order and moved to the target device afterwards.
                     independent per image (DiffusionDPO applies RandomHorizontalFlip /
                     RandomCrop to each image separately)
     stream DIFFUSION: timestep, branch (null prompt with probability uncond_prob),
-                    the shared noise (winner and loser share timestep and noise), and the
-                    VAE-posterior noise of winner and loser
+                    the shared noise (winner and loser share timestep and noise), the
+                    VAE-posterior noise of winner and loser, then the uniform u of flow
+                    families (σ = σ(u)), drawn last so the earlier draws do not depend on it
     stream ORDER:   the per-epoch permutation of the pairs (index = -1)
 """
 
@@ -31,6 +32,8 @@ _MASK64 = (1 << 64) - 1
 STREAM_AUGMENT = 1
 STREAM_DIFFUSION = 2
 STREAM_ORDER = 3
+
+_U_MIN = 2.0**-54  # u = max(U[0, 1), 2^-54) ∈ (0, 1)
 
 
 def splitmix64(x: int) -> int:
@@ -80,7 +83,8 @@ class PairDraws:
 
     noise: (P, *latent_shape) shared by winner and loser; timesteps: (P,) int64;
     uncond: (P,) bool (Y = −1: null-prompt branch); latent_noise: (P, 2, *latent_shape) for
-    sampling the VAE posterior of winner and loser; flip: (P, 2) bool; crop: (P, 2, 2) float64.
+    sampling the VAE posterior of winner and loser; flip: (P, 2) bool; crop: (P, 2, 2) float64;
+    u: (P,) float64 in (0, 1), the flow families' noise-level draw.
     """
 
     indices: torch.Tensor
@@ -90,6 +94,7 @@ class PairDraws:
     latent_noise: torch.Tensor
     flip: torch.Tensor
     crop: torch.Tensor
+    u: torch.Tensor
 
     def __len__(self) -> int:
         return self.indices.shape[0]
@@ -102,6 +107,13 @@ class PairDraws:
     def select(self, rows: torch.Tensor | list[int]) -> PairDraws:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return PairDraws(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+    def repeat(self, times: int) -> PairDraws:
+        """``times`` stacked copies (times·P rows; row c·P + k is pair k): the per-row draws of
+        a micro-batch whose winners and losers share their pair's draw."""
+        return PairDraws(
+            *(torch.cat([getattr(self, f)] * times) for f in self.__dataclass_fields__)
+        )
 
 
 def num_train_timesteps(scheduler) -> int:
@@ -124,13 +136,14 @@ def pair_draws(
     idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
     t_max = num_train_timesteps(scheduler)
     shape = tuple(int(s) for s in latent_shape)
-    noise, lat, ts, unc, flips, crops = [], [], [], [], [], []
+    noise, lat, ts, unc, flips, crops, us = [], [], [], [], [], [], []
     for i in idx:
         g = generator(seed, epoch, i, STREAM_DIFFUSION)
         ts.append(torch.randint(0, t_max, (1,), generator=g))
         unc.append(torch.rand(1, generator=g, dtype=torch.float64) < uncond_prob)
         noise.append(torch.randn(shape, generator=g))
         lat.append(torch.randn((2, *shape), generator=g))
+        us.append(torch.rand(1, generator=g, dtype=torch.float64).clamp_(min=_U_MIN))
         a = augment_draws(seed, epoch, i)
         flips.append(a.flip)
         crops.append(a.crop)
@@ -142,6 +155,7 @@ def pair_draws(
         latent_noise=torch.stack(lat) if idx else torch.zeros((0, 2, *shape)),
         flip=torch.stack(flips) if idx else torch.zeros((0, 2), dtype=torch.bool),
         crop=torch.stack(crops) if idx else torch.zeros((0, 2, 2), dtype=torch.float64),
+        u=torch.cat(us) if idx else torch.zeros(0, dtype=torch.float64),
     )
 
 

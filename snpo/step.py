@@ -1,22 +1,20 @@
 """The preference step as a pure function: (models, encoded batch, draws, config) → loss, metrics.
 
 No I/O, no optimizer, no DeepSpeed: the engine calls it once per micro-batch and backpropagates
-the returned loss; tests call it directly.
+the returned loss; tests call it directly. Every model-specific part (noising, target,
+conditioning, the denoiser call, the ``weighting: elbo`` weight) comes from the model's family
+(:class:`snpo.models.ModelFamily`).
 
 Layout of one micro-batch of P pairs (the ``docs/objectives.md`` contract):
 - rows 0..P-1 are the winners, P..2P-1 the losers of the same pairs, in the same order;
-- winner and loser of pair k share the timestep t_k and the noise ε_k (Diffusion-DPO);
+- winner and loser of pair k share the pair's draw (timestep t_k or flow level u_k) and the
+  noise ε_k (Diffusion-DPO);
 - pair k takes the null-prompt branch (Y = −1) when ``draws.uncond[k]``: its prompt embedding is
-  replaced by the model's null embedding (the encoded empty prompt, zeros for SDXL-class models
-  with ``force_zeros_for_empty_prompt``) for both rows, and ``swap[k]`` follows the preset
+  replaced by the model's null embedding for both rows, and ``swap[k]`` follows the preset
   (True for snpo / snpo_naive, all True for npo, all False for dpo / bdpo);
 - ONE policy forward over the 2P rows carries both branches; the reference runs on the same
   inputs under ``torch.no_grad`` (or its errors come in as ``ref_err``, e.g. from a cache:
   :func:`reference_errors` computes them from the same :func:`noised_inputs`).
-
-The ELBO weighting (``weighting: elbo``) multiplies both errors of a pair by T·ω(t) with
-ω(t) = β_t / (2·α_t·(1 − ᾱ_t)), the weight of the DDPM ELBO term at t for ε-prediction with
-σ_t² = β_t (Ho et al. 2020, eq. 12), from the scheduler's betas / alphas / alphas_cumprod.
 """
 
 from __future__ import annotations
@@ -27,27 +25,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from snpo_kernels import PreferenceOutput, preference_loss_with_stats
-
-from .draws import PairDraws
-from .models import (
+from snpo.draws import PairDraws
+from snpo.models import (
     DiffusionModel,
+    ModelFamily,
+    Noised,
     PromptEmbeddings,
     encode_images,
     encode_prompts,
+    get_family,
     sample_latents,
-    training_target,
-    unet_conditioning,
+    sdxl_time_ids,
 )
+from snpo_kernels import PreferenceOutput, per_sample_error, preference_loss_with_stats
 
-UNetFn = Callable[..., torch.Tensor]  # (x_t, t, **unet_conditioning) → prediction tensor
+UNetFn = Callable[..., torch.Tensor]  # (x_t, timestep, **family conditioning) → prediction
 
 
 @dataclass
 class StepModels:
     """What a step needs besides the batch.
 
-    policy: the trainable UNet as a function returning the prediction tensor (a DeepSpeed
+    policy: the trainable denoiser as a function returning the prediction tensor (a DeepSpeed
     engine or a plain module, wrapped by :func:`unet_fn`); reference: same signature, run under
     no_grad (LoRA: the same network with adapters disabled; full fine-tune: a frozen copy);
     None when reference errors are given (``ref_err``) or for sft. null: the (1, L, D)
@@ -68,7 +67,8 @@ class EncodedBatch:
 
     latents: (2P, C, h, w) winners then losers (sft: (P, C, h, w), winners only);
     prompts: P prompt embeddings (the conditional branch, before the null replacement);
-    time_ids: (2P | P, 6) SDXL micro-conditioning, None for SD1.5-class models.
+    time_ids: (2P | P, 6) SDXL micro-conditioning, None for families without
+    (``ModelFamily.needs_time_ids``).
     """
 
     latents: torch.Tensor
@@ -98,14 +98,19 @@ class StepResult:
     metrics: dict[str, torch.Tensor]
 
 
-def unet_fn(module) -> UNetFn:
-    """A UNet2DConditionModel (or a DeepSpeed engine wrapping one) as x, t, **kw → tensor."""
+def unet_fn(module, family: ModelFamily | None = None) -> UNetFn:
+    """The denoiser ``module`` (or a DeepSpeed engine wrapping it) as x_t, timestep, **cond →
+    prediction tensor, called the way ``family`` calls it (None: a UNet, ``module(x, t,
+    **cond).sample``)."""
+    family = family or get_family("sd")
 
     def run(x, t, **kw):
-        out = module(x, t, **kw)
-        return out.sample if hasattr(out, "sample") else out[0]
+        return family.denoise(module, x, t, kw)
 
     return run
+
+
+denoiser_fn = unet_fn
 
 
 def lora_reference(module, policy: UNetFn) -> UNetFn:
@@ -133,17 +138,6 @@ def swap_flags(preset_swap: str, uncond: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown swap preset {preset_swap!r}")
 
 
-def elbo_weight(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """T·ω(t), ω(t) = β_t / (2·α_t·(1 − ᾱ_t)): the DDPM ELBO weight (σ_t² = β_t), float32."""
-    betas = scheduler.betas.to(torch.float64)
-    alphas = scheduler.alphas.to(torch.float64)
-    abar = scheduler.alphas_cumprod.to(torch.float64)
-    t = timesteps.to("cpu")
-    omega = betas[t] / (2.0 * alphas[t] * (1.0 - abar[t]))
-    T = int(scheduler.config.num_train_timesteps)
-    return (T * omega).to(torch.float32).to(timesteps.device)
-
-
 def branch_embeddings(null: PromptEmbeddings, prompts: PromptEmbeddings, uncond: torch.Tensor):
     """Per pair: the null embedding where uncond (Y = −1), else the pair's own prompt."""
     null_p = null.to(device=prompts.embeds.device, dtype=prompts.embeds.dtype).expand(len(prompts))
@@ -153,18 +147,19 @@ def branch_embeddings(null: PromptEmbeddings, prompts: PromptEmbeddings, uncond:
 def time_id_rows(
     original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int
 ) -> torch.Tensor:
-    """(B, 6) SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, R, R) per image."""
-    b = original_size.shape[0]
-    target = torch.tensor([resolution, resolution]).expand(b, 2)
-    return torch.cat([original_size, crop_top_left, target], dim=1).to(torch.float32)
+    """(B, 6) SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, R, R) per image:
+    :func:`snpo.models.sdxl_time_ids` at the square resolution R."""
+    return sdxl_time_ids(original_size, crop_top_left, (resolution, resolution))
 
 
 @torch.no_grad()
-def encode_batch(models: StepModels, batch, draws: PairDraws, *, winners_only: bool = False):
+def encode_batch(
+    models: StepModels, batch, draws: PairDraws, *, winners_only: bool = False
+) -> EncodedBatch:
     """Pixels → latents (VAE posterior sampled with the draws' latent noise) and prompt
-    embeddings, on the device in the training dtype. ``batch`` is a :class:`snpo.data.PairBatch`.
-    (A cache replaces either half: :meth:`snpo.cache.Cache.encoded_latents` and
-    :meth:`snpo.cache.Cache.text`, or both at once: :meth:`snpo.cache.Cache.encoded_batch`.)"""
+    embeddings, on the device in the training dtype; ``batch``: a :class:`snpo.data.PairBatch`.
+    A cache replaces either half, or both (``Cache.encoded_latents``, ``Cache.text``,
+    ``Cache.encoded_batch``)."""
     latents, tid = encode_latents(models, batch, draws, winners_only=winners_only)
     prompts = encode_prompts(models.model, batch.prompts)
     return EncodedBatch(latents, prompts.to(device=models.device, dtype=models.dtype), tid)
@@ -183,7 +178,7 @@ def encode_latents(
     mean, logvar = encode_images(m, pix.to(models.dtype))
     latents = latents_from_posterior(mean, logvar, draws.to(models.device), winners_only)
     tid = None
-    if m.family == "sdxl":
+    if m.spec.needs_time_ids:
         size = torch.cat([batch.original_size[:, j] for j in range(n_img)])
         crop = torch.cat([batch.crop_top_left[:, j] for j in range(n_img)])
         res = batch.pixels.shape[-1]
@@ -202,45 +197,49 @@ def latents_from_posterior(
 
 
 # --------------------------------------------------------------------------------------------
+def noised_rows(
+    models: StepModels, batch: EncodedBatch, draws: PairDraws, *, weighting: str = "constant"
+) -> tuple[Noised, dict]:
+    """The family's :class:`snpo.models.Noised` of the B = 2P rows (sft: P) with x_t in the
+    training dtype, and the denoiser conditioning. Row c·P + k belongs to pair k: it takes the
+    pair's draw and ε, and the null embedding when ``draws.uncond[k]``."""
+    m = models.model
+    fam = m.spec
+    d = draws.to(models.device)
+    copies = batch.latents.shape[0] // len(d)  # 2: winners and losers; 1: sft
+    noise = torch.cat([d.noise.to(torch.float32)] * copies)
+    x0 = batch.latents.to(torch.float32)
+    out = fam.noised(m, x0, noise, d.repeat(copies), weighting=weighting)
+    out.x_t = out.x_t.to(models.dtype)
+    emb = branch_embeddings(models.null, batch.prompts, d.uncond)
+    return out, fam.conditioning(m, PromptEmbeddings.cat([emb] * copies), batch.time_ids)
+
+
 def noised_inputs(
     models: StepModels, batch: EncodedBatch, draws: PairDraws
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """The UNet inputs of the 2P rows: (x_t in the training dtype, timesteps (2P,), target
-    (float32: ε, or v for v-prediction), UNet keyword arguments). Winner and loser of a pair share
-    t and ε; null-branch pairs (``draws.uncond``) get the null embedding for both rows. Shared
-    by :func:`preference_step` and :func:`reference_errors`, so the policy, the live reference
-    and the cached reference errors see the same inputs."""
-    m = models.model
-    d = draws.to(models.device)
-    noise = d.noise.to(torch.float32)
-    noise2 = torch.cat([noise, noise])
-    t2 = torch.cat([d.timesteps, d.timesteps])
-    x0 = batch.latents.to(torch.float32)
-    x_t = m.scheduler.add_noise(x0, noise2, t2).to(models.dtype)
-    target = training_target(m, x0, noise2, t2)
-    emb = branch_embeddings(models.null, batch.prompts, d.uncond)
-    kwargs = unet_conditioning(m, PromptEmbeddings.cat([emb, emb]), batch.time_ids)
-    return x_t, t2, target, kwargs
+    """(x_t in the training dtype, the denoiser's timesteps (2P,), target float32, denoiser
+    keyword arguments) of :func:`noised_rows`. Shared by :func:`preference_step` and
+    :func:`reference_errors`, so the policy, the live reference and the cached reference errors
+    see the same inputs."""
+    out, cond = noised_rows(models, batch, draws)
+    return out.x_t, out.timestep, out.target, cond
 
 
 @torch.no_grad()
 def reference_errors(
     models: StepModels, batch: EncodedBatch, draws: PairDraws, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """(2P,) float32 e_ref of a micro-batch, winners then losers: ``models.reference`` on
-    :func:`noised_inputs` (the x_t, timesteps, branch conditioning and target of the live step),
-    reduced per sample by the loss backend ``backend`` (the reduction the live loss applies to
-    ``ref_pred``). What ``snpo cache`` stores and the trainer passes back as ``ref_err``."""
+    """(2P,) float32 e_ref(i) = mean_j (ref_pred[i, j] − target[i, j])² of a micro-batch,
+    winners then losers: ``models.reference`` on :func:`noised_inputs` (the inputs of the live
+    step), reduced by :func:`snpo_kernels.per_sample_error`. What ``snpo cache`` stores and the
+    trainer passes back as ``ref_err``. ``backend`` is accepted for compatibility (the
+    reduction is the loss contract's, whichever backend the live loss uses)."""
     if models.reference is None:
         raise ValueError("reference_errors needs StepModels.reference")
-    x_t, t2, target, kwargs = noised_inputs(models, batch, draws)
-    ref_pred = models.reference(x_t, t2, **kwargs)
-    zeros = torch.zeros(ref_pred.shape[0], dtype=torch.float32, device=ref_pred.device)
-    # the backend's per-sample error of its `pred` argument (the loss value itself is unused)
-    out = preference_loss_with_stats(
-        ref_pred, target, None, zeros, beta=1.0, lam=1.0, backend=backend
-    )
-    return out.e_theta.detach().to(torch.float32)
+    x_t, t, target, kwargs = noised_inputs(models, batch, draws)
+    ref_pred = models.reference(x_t, t, **kwargs)
+    return per_sample_error(ref_pred, target).detach().to(torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,18 +259,18 @@ def preference_step(
 
     ref_err: (2P,) reference errors e_ref (cache): the reference forward is skipped.
     """
-    from .config import PRESETS
+    from snpo.config import PRESETS
 
     if objective == "sft":
         return sft_step(models, batch, draws)
     preset = PRESETS[objective]
-    m = models.model
     dev = models.device
     p = batch.num_pairs
     if len(draws) != p:
         raise ValueError(f"{len(draws)} draws for {p} pairs")
     d = draws.to(dev)
-    x_t, t2, target, kwargs = noised_inputs(models, batch, d)
+    noised, kwargs = noised_rows(models, batch, d, weighting=weighting)
+    x_t, t2, target = noised.x_t, noised.timestep, noised.target
     ref_pred = None
     if ref_err is None:
         if models.reference is None:
@@ -280,7 +279,7 @@ def preference_step(
             ref_pred = models.reference(x_t, t2, **kwargs).detach()
     pred = models.policy(x_t, t2, **kwargs)
     swap = swap_flags(preset.swap, d.uncond)
-    weight = elbo_weight(m.scheduler, d.timesteps) if weighting == "elbo" else None
+    weight = None if noised.weight is None else noised.weight[:p]  # rows of a pair share it
     out = preference_loss_with_stats(
         pred,
         target,
@@ -309,18 +308,15 @@ def preference_step(
 
 
 def sft_step(models: StepModels, batch: EncodedBatch, draws: PairDraws) -> StepResult:
-    """Noise-prediction MSE on the winners with CFG dropout (no reference, no preference)."""
-    m = models.model
+    """The denoising MSE on the winners with CFG dropout (no reference, no preference)."""
     d = draws.to(models.device)
     p = len(d)
-    x0 = batch.latents[:p].to(torch.float32)
-    noise = d.noise.to(torch.float32)
-    x_t = m.scheduler.add_noise(x0, noise, d.timesteps).to(models.dtype)
-    target = training_target(m, x0, noise, d.timesteps)
-    emb = branch_embeddings(models.null, batch.prompts, d.uncond)
-    tid = None if batch.time_ids is None else batch.time_ids[:p]
-    pred = models.policy(x_t, d.timesteps, **unet_conditioning(m, emb, tid))
-    loss = F.mse_loss(pred.float(), target.float())
+    winners = EncodedBatch(
+        batch.latents[:p], batch.prompts, None if batch.time_ids is None else batch.time_ids[:p]
+    )
+    noised, cond = noised_rows(models, winners, d)
+    pred = models.policy(noised.x_t, noised.timestep, **cond)
+    loss = F.mse_loss(pred.float(), noised.target.float())
     metrics = {
         "loss": loss.detach(),
         "mse_policy": loss.detach(),

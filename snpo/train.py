@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg):
-    from snpo.engine import run
+    from snpo.trainer import run
 
     return run(cfg)
 

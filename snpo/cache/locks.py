@@ -154,67 +154,81 @@ def _reenter(key: str, mode: str, folder: Path, path: Path, what: str) -> Iterat
 
 
 @contextlib.contextmanager
-def exclusive_lock(folder: Path, what: str, *, name: str = LOCK_NAME) -> Iterator[Path]:
+def _named_in_lock_file(fd: int, what: str) -> Iterator[None]:
+    """An exclusive holder's announcement: ``pid host what`` in the lock file, emptied on
+    release."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (_ident(what) + "\n").encode(), 0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # released: name no holder
+
+
+@contextlib.contextmanager
+def _registered(folder: Path, name: str, what: str) -> Iterator[None]:
+    """A shared holder's announcement: ``name.shared-<host>-<pid>``, flocked before it becomes
+    visible under its name and deleted on release."""
+    reg = folder / f"{name}{_SHARED_TAG}{socket.gethostname()}-{os.getpid()}"
+    tmp = reg.with_name(reg.name + ".new")
+    reg_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        fcntl.flock(reg_fd, fcntl.LOCK_EX)
+        os.write(reg_fd, (_ident(what) + "\n").encode())
+        os.replace(tmp, reg)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            reg.unlink()
+        os.close(reg_fd)
+
+
+@contextlib.contextmanager
+def _hold(folder: Path, what: str, name: str, mode: str) -> Iterator[Path]:
+    """Take ``folder/name`` in ``mode`` ("exclusive" | "shared") without waiting, announce the
+    holder, and keep it for the ``with`` block (re-entrant within a process)."""
+    folder = Path(folder)
+    path = folder / name
+    key = os.path.realpath(path)
+    with _reenter(key, mode, folder, path, what) as again:
+        if again:
+            yield path
+            return
+        exclusive = mode == "exclusive"
+        fd = _open(path)
+        try:
+            _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, folder, path, what)
+            announce = (
+                _named_in_lock_file(fd, what) if exclusive else _registered(folder, name, what)
+            )
+            with announce:
+                _HELD[key] = [mode, 1]
+                try:
+                    yield path
+                finally:
+                    del _HELD[key]
+        finally:
+            os.close(fd)  # drops the flock
+
+
+def exclusive_lock(
+    folder: Path, what: str, *, name: str = LOCK_NAME
+) -> contextlib.AbstractContextManager[Path]:
     """Hold ``folder/name`` exclusively (``flock`` LOCK_EX | LOCK_NB) for the ``with`` block.
 
     ``what`` says who takes it (it is written into the lock file with the pid and host, and
     named in refusals). Raises :class:`FolderLocked` at once when any other process holds the
     lock (exclusive or shared). ``folder`` must exist. Yields the lock file's path. Re-entrant
     within a process."""
-    folder = Path(folder)
-    path = folder / name
-    key = os.path.realpath(path)
-    with _reenter(key, "exclusive", folder, path, what) as again:
-        if again:
-            yield path
-            return
-        fd = _open(path)
-        try:
-            _flock(fd, fcntl.LOCK_EX, folder, path, what)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (_ident(what) + "\n").encode(), 0)
-            _HELD[key] = ["exclusive", 1]
-            try:
-                yield path
-            finally:
-                del _HELD[key]
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, 0)  # released: name no holder
-        finally:
-            os.close(fd)  # drops the flock
+    return _hold(folder, what, name, "exclusive")
 
 
-@contextlib.contextmanager
-def shared_lock(folder: Path, what: str, *, name: str = LOCK_NAME) -> Iterator[Path]:
+def shared_lock(
+    folder: Path, what: str, *, name: str = LOCK_NAME
+) -> contextlib.AbstractContextManager[Path]:
     """Hold ``folder/name`` shared (``flock`` LOCK_SH | LOCK_NB) for the ``with`` block: any
     number of shared holders coexist, but none with an exclusive one (either side is refused
     with :class:`FolderLocked` naming the other). The holder registers as
     ``name.shared-<host>-<pid>`` so that refusals can name it. Yields the lock file's path."""
-    folder = Path(folder)
-    path = folder / name
-    key = os.path.realpath(path)
-    with _reenter(key, "shared", folder, path, what) as again:
-        if again:
-            yield path
-            return
-        fd = _open(path)
-        reg_fd, reg = -1, folder / f"{name}{_SHARED_TAG}{socket.gethostname()}-{os.getpid()}"
-        try:
-            _flock(fd, fcntl.LOCK_SH, folder, path, what)
-            # the registration is flocked before it becomes visible under its name
-            tmp = reg.with_name(reg.name + ".new")
-            reg_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-            fcntl.flock(reg_fd, fcntl.LOCK_EX)
-            os.write(reg_fd, (_ident(what) + "\n").encode())
-            os.replace(tmp, reg)
-            _HELD[key] = ["shared", 1]
-            try:
-                yield path
-            finally:
-                del _HELD[key]
-        finally:
-            if reg_fd >= 0:
-                with contextlib.suppress(OSError):
-                    reg.unlink()
-                os.close(reg_fd)
-            os.close(fd)
+    return _hold(folder, what, name, "shared")

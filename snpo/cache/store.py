@@ -1,49 +1,31 @@
 """Storage of ``snpo cache``: sharded safetensors files, the JSON manifest, atomic writes,
-checksums, fingerprint comparison and a lazily verifying shard reader.
-
-Nothing here knows about models or data; :mod:`snpo.cache` decides what goes into the shards.
+checksums, fingerprint comparison and a lazily verifying shard reader. Nothing here knows about
+models or data (:mod:`snpo.cache.shard_builder` decides what goes into the shards).
 
 Layout of a cache folder::
 
-    manifest.json                  the truth: fingerprints, layouts and every complete shard
+    manifest.json                  fingerprints, layouts and every complete shard
     parts/rank00001-of-00004.json  journals of ranks of a multi-process build (merged later)
-    text/index.safetensors ...     shards (see snpo.cache for the sections' contents)
+    text/index.safetensors ...     shards (:mod:`snpo.cache.sections`)
 
-Rules that make a crash harmless:
+Crash safety: every file is written to ``<name>.tmp-<pid>``, fsynced, renamed over ``<name>``
+and the folder fsynced (:func:`atomic_write_bytes`); a shard counts only once its entry
+(SHA-256 and byte size) is in the manifest or a rank's journal, written after the rename. Every
+tensor's CRC32 and, for the large tensors, one CRC32 per row (pair image or distinct prompt)
+are in the shard's header, so readers check exactly the bytes they read (``verify="lazy"``);
+``--verify`` and ``verify="full"`` hash whole shards.
 
-- every file is written to ``<name>.tmp-<pid>``, fsynced, renamed over ``<name>`` and the
-  folder fsynced (:func:`atomic_write_bytes`), so a shard file is either absent or complete;
-- a shard counts only once its entry (SHA-256 and byte size of exactly the bytes written) is in
-  the manifest (or a rank's journal), and that entry is written *after* the shard's rename;
-  a shard file without an entry (a crash between the two) is rebuilt by the next run;
-- every shard's SHA-256 is in the manifest (``snpo cache --verify``, ``verify="full"``); inside
-  each shard, every tensor's CRC32 and, for the large tensors, one CRC32 per row (per pair image
-  or distinct prompt) let readers check exactly the bytes they read (``verify="lazy"``, the
-  default) — a trainer reading a 250 GB cache in random order never hashes whole shards; the
-  size of every needed shard is checked when a cache is opened. A truncated or bit-flipped shard
-  is reported by name instead of being read as valid.
+Shard bytes are deterministic (sorted header, metadata as sorted JSON with the shard's own
+relative path and its section's digest, no timestamps): an interrupted-then-resumed or
+multi-rank build ends byte-identical to one uninterrupted build, manifest timestamps aside.
 
-Shard bytes are deterministic (safetensors sorts its header; the metadata is JSON with sorted
-keys, the shard's own relative path and its section's digest; no timestamps), so an
-interrupted-then-resumed build and a multi-rank build end byte-identical to a single
-uninterrupted one; only the manifest's ``created_at``/``updated_at`` differ.
-
-Trust boundaries:
-
-- every shard name a manifest or journal lists is checked when it is read
-  (:func:`check_manifest`): a relative path under its own section's folder, ending in
-  ``.safetensors``, that resolves inside the cache folder (no ``..``, no absolute path, no
-  symlink leading out). A bad name refuses the whole file, naming the entry, before anything
-  is read or deleted (``--verify --repair`` deletes only listed shards);
-- every shard carries its relative path and its section's digest (:func:`section_digest`, over
-  the section's fingerprint and layout) in its safetensors metadata (``shard_path`` and
-  ``section_digest`` in the ``snpo`` entry), checked when the shard is opened: a shard swapped
-  for another valid one of the same size, or left from another build of its section, is
-  refused by name. Caches of format version 1 (before this) have no such header and are
-  refused with "rebuild the cache";
-- writers hold the folder's lock (:mod:`snpo.locks`): :func:`merge_parts` and
-  ``verify_cache(repair=True)`` take it exclusively (re-entrant for a build that holds it);
-  readers take none (see snpo.cache).
+Trust boundaries: every shard name a manifest or journal lists must be a relative path under
+its section's folder, ending in ``.safetensors``, resolving inside the cache folder
+(:func:`check_manifest`); every shard names its path and its section's digest
+(:func:`section_digest`) in its metadata, checked when it is opened, so a shard swapped for
+another valid one, or left from another build of its section, is refused by name. Caches of
+format version 1 have no such header and are refused with "rebuild the cache". Writers hold the
+folder's lock (:mod:`snpo.cache.locks`); readers take none.
 """
 
 from __future__ import annotations
@@ -60,8 +42,9 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from .config import CACHE_SECTIONS
-from .locks import exclusive_lock
+from snpo.atomic import atomic_write_bytes, atomic_write_json, fsync_dir  # noqa: F401 (re-exported)
+from snpo.cache.locks import exclusive_lock
+from snpo.config import CACHE_SECTIONS
 
 FORMAT = "snpo-cache"
 FORMAT_VERSION = 2  # 2: shards name themselves (shard_path, section_digest); data fingerprints
@@ -87,42 +70,6 @@ class CacheCorruptError(CacheError):
 
 # --------------------------------------------------------------------------------------------
 # atomic files
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or all of ``data``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
 def remove_stale_tmp(root: Path) -> int:
     """Delete ``*.tmp-<pid>`` leftovers of crashed writers (call only when no writer runs)."""
     n = 0
@@ -378,7 +325,7 @@ def merged_view(root: str | Path) -> dict:
 
 def merge_parts(root: str | Path) -> dict:
     """Fold the rank journals into manifest.json and delete them (after all ranks finished).
-    Holds the cache's exclusive lock (:mod:`snpo.locks`): refused while a rank still runs."""
+    Holds the cache's exclusive lock (:mod:`snpo.cache.locks`): refused while a rank still runs."""
     root = Path(root)
     with exclusive_lock(root, "snpo cache --merge"):
         parts = journal_paths(root)

@@ -1,14 +1,12 @@
 """Small image helpers shared by the tools: tensors ↔ PIL, PNG saving, contact sheets.
 
-Tensors are (3, H, W) or (B, 3, H, W) float in [0, 1] (what :func:`snpo.sampler.generate`
+Tensors are (3, H, W) or (B, 3, H, W) float in [0, 1] (what :func:`snpo.models.generate`
 returns). A contact sheet is a grid of equally sized tiles with optional column and row labels,
 e.g. one column per model and one row per seed.
 """
 
 from __future__ import annotations
 
-import io
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,52 +32,6 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div(255.0)
 
 
-# Decoded-pixel cap (width × height) checked from the header before any pixel is decoded:
-# 64 MP (8192 × 8192) leaves Pick-a-Pic's ≤ 1024² images far below it, and refuses
-# decompression bombs (a few KB of PNG/JPEG that claim e.g. 20000 × 20000). PIL's own check
-# (Image.MAX_IMAGE_PIXELS, ~89 MP warning / ~179 MP error) still applies above this one.
-MAX_IMAGE_PIXELS = 64 * 2**20
-
-
-class ImageTooLargeError(ValueError):
-    """An image whose header claims more pixels than the cap (a decompression bomb?)."""
-
-
-def open_image(fp, *, max_pixels: int | None = None) -> Image.Image:
-    """``Image.open`` (lazy: header only) that refuses images over ``max_pixels``
-    (default :data:`MAX_IMAGE_PIXELS`) with :class:`ImageTooLargeError` before decoding."""
-    import warnings
-
-    cap = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    try:
-        with warnings.catch_warnings():  # our cap decides; PIL's warning would only add noise
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-    except Image.DecompressionBombError as err:
-        raise ImageTooLargeError(f"{err} (a decompression bomb?)") from err
-    check_pixels(img, cap)
-    return img
-
-
-def check_pixels(img: Image.Image, max_pixels: int | None = None) -> None:
-    """Raise :class:`ImageTooLargeError` when ``img`` has more than ``max_pixels`` pixels."""
-    cap = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    w, h = img.size
-    if w * h > cap:
-        raise ImageTooLargeError(
-            f"the image claims {w}×{h} = {w * h / 1e6:.1f} MP, over the cap of "
-            f"{cap / 1e6:.1f} MP (snpo.images.MAX_IMAGE_PIXELS; a decompression bomb?)"
-        )
-
-
-def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
-    """Decode image bytes fully (a truncated JPEG opens fine and fails only here); an image
-    over the pixel cap raises :class:`ImageTooLargeError` before it is decoded."""
-    img = open_image(io.BytesIO(data), max_pixels=max_pixels)
-    img.load()
-    return img.convert("RGB")
-
-
 def save_png(image: torch.Tensor | Image.Image, path: str | Path) -> Path:
     """Write one image as PNG (parent folders created)."""
     path = Path(path)
@@ -87,22 +39,6 @@ def save_png(image: torch.Tensor | Image.Image, path: str | Path) -> Path:
     pil = image if isinstance(image, Image.Image) else to_pil(image)
     pil.save(path, format="PNG")
     return path
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic), then crop the centre ``size`` × ``size``."""
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def slug(text: str, max_len: int = 40) -> str:
-    """A file-name-safe short form of ``text`` ("A red cube!" → "a-red-cube")."""
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:max_len].rstrip("-") or "x"
 
 
 def _font(size: int):

@@ -1,11 +1,15 @@
 """Exports of trained models that diffusers loads directly, plus what sampling must know.
 
 Layout of an export folder:
-    unet/                               full fine-tune: UNet2DConditionModel.from_pretrained(export/unet)
-    pytorch_lora_weights.safetensors    LoRA: pipeline.load_lora_weights(export)  (keys "unet.…")
-    snpo_export.json                    base model, kind, family, null embedding kind, objective, …
+    unet/ (transformer/)                full fine-tune: the denoiser's from_pretrained(export/unet)
+    pytorch_lora_weights.safetensors    LoRA: pipeline.load_lora_weights(export)  (keys "unet.…",
+                                        "transformer.…")
+    snpo_export.json                    base model, kind, family, its pipeline and denoiser
+                                        classes, null embedding kind, objective, …
 The null embedding kind ("empty_prompt" | "zeros") is the one the null-prompt branch was trained
-with; CFG at sampling must use the same one. Writes are atomic: a new export is assembled in a
+with; CFG at sampling must use the same one. The pipeline class (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``) comes from the
+model's family: the export is loaded into that pipeline built from the base model's folder. Writes are atomic: a new export is assembled in a
 temporary folder and swapped in, so an interrupted write never replaces a good export.
 """
 
@@ -17,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .models import DiffusionModel, load_model
+from snpo.models.diffusion import DiffusionModel, load_model
+from snpo.models.family import get_family
 
 META_FILE = "snpo_export.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -27,10 +32,19 @@ class ExportError(RuntimeError):
     """A folder is not a usable snpo export."""
 
 
-def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def pipeline_class(family: str):
+    """The diffusers pipeline class an export of ``family`` loads into."""
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, get_family(family).pipeline_class)
+
+
+def denoiser_folder(meta: dict) -> str:
+    """The denoiser subfolder of an export ("unet" | "transformer") from its metadata."""
+    try:
+        return get_family(meta.get("family", "sd")).denoiser
+    except ValueError as err:
+        raise ExportError(f"export of an unknown model family: {err}") from None
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -48,13 +62,15 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 def write_export(
     out_dir: str | Path, model: DiffusionModel, unet: torch.nn.Module, *, lora: bool, meta: dict
 ) -> Path:
-    """Write ``unet`` (full weights, or its LoRA adapter when ``lora``) and the metadata."""
+    """Write the denoiser ``unet`` (full weights, or its LoRA adapter when ``lora``) and the
+    metadata."""
     from snpo_kernels import __version__
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    part = model.spec.denoiser
     if lora:
         weights = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
         # the adapter config (r, lora_alpha, patterns) rides along: without it diffusers loads
@@ -62,20 +78,24 @@ def write_export(
         # (diffusers ≥ 0.34 reads and writes it; older ones load scale 1 whatever we do)
         import inspect
 
-        save = _pipeline_class(model.family).save_lora_weights
-        kw = {}
-        if "unet_lora_adapter_metadata" in inspect.signature(save).parameters:
+        save = pipeline_class(model.family).save_lora_weights
+        kw = {f"{part}_lora_layers": weights}
+        if f"{part}_lora_adapter_metadata" in inspect.signature(save).parameters:
             config = unet.peft_config.get("default") or next(iter(unet.peft_config.values()))
-            kw["unet_lora_adapter_metadata"] = config.to_dict()
-        save(tmp, unet_lora_layers=weights, safe_serialization=True, **kw)
+            kw[f"{part}_lora_adapter_metadata"] = config.to_dict()
+        save(tmp, safe_serialization=True, **kw)
     else:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        unet.save_pretrained(tmp / part, safe_serialization=True)
+    family = model.spec
     info = {
         "base_model": str(Path(model.source).resolve())
         if Path(model.source).is_dir()
         else model.source,
         "kind": "lora" if lora else "full",
         "family": model.family,
+        "pipeline_class": family.pipeline_class,
+        "denoiser": family.denoiser,
+        "denoiser_class": family.denoiser_class,
         "null_kind": model.null_kind,
         "prediction_type": model.prediction_type,
         "snpo_version": __version__,
@@ -97,8 +117,9 @@ def read_export_meta(path: str | Path) -> dict:
         raise ExportError(f"{path} is not an snpo export: {META_FILE} is missing")
     meta = json.loads(f.read_text())
     kind = meta.get("kind")
-    if kind == "full" and not (Path(path) / "unet").is_dir():
-        raise ExportError(f"export {path} says kind=full but has no unet/ folder")
+    part = denoiser_folder(meta)
+    if kind == "full" and not (Path(path) / part).is_dir():
+        raise ExportError(f"export {path} says kind=full but has no {part}/ folder")
     if kind == "lora" and not (Path(path) / LORA_FILE).is_file():
         raise ExportError(f"export {path} says kind=lora but has no {LORA_FILE}")
     if kind not in ("full", "lora"):
@@ -106,10 +127,13 @@ def read_export_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_lora_into(unet: torch.nn.Module, path: str | Path, adapter_name: str = "default") -> None:
-    """Attach the LoRA adapter saved in export ``path`` to ``unet`` (diffusers PEFT loader)."""
+def load_lora_into(
+    unet: torch.nn.Module, path: str | Path, adapter_name: str = "default", *, prefix: str = "unet"
+) -> None:
+    """Attach the LoRA adapter saved in export ``path`` to the denoiser ``unet`` (diffusers
+    PEFT loader); ``prefix``: the denoiser's key prefix ("unet" | "transformer")."""
     unet.load_lora_adapter(
-        str(path), prefix="unet", weight_name=LORA_FILE, adapter_name=adapter_name
+        str(path), prefix=prefix, weight_name=LORA_FILE, adapter_name=adapter_name
     )
 
 
@@ -121,16 +145,17 @@ def load_export(
     base_model: str | None = None,
     fuse_lora: bool = True,
 ) -> tuple[DiffusionModel, dict]:
-    """The base model with the exported UNet (or LoRA, fused by default) and the metadata.
+    """The base model with the exported denoiser (or LoRA, fused by default) and the metadata.
 
     ``base_model`` overrides the recorded base (e.g. the export moved to another machine)."""
     meta = read_export_meta(path)
     base = base_model or meta["base_model"]
+    part = denoiser_folder(meta)
     if meta["kind"] == "full":
-        model = load_model(base, dtype=dtype, device=device, unet_path=str(Path(path) / "unet"))
+        model = load_model(base, dtype=dtype, device=device, unet_path=str(Path(path) / part))
     else:
         model = load_model(base, dtype=dtype, device=device)
-        load_lora_into(model.unet, path)
+        load_lora_into(model.unet, path, prefix=part)
         if fuse_lora:
             model.unet.fuse_lora()
             model.unet.unload_lora()

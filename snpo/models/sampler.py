@@ -1,27 +1,23 @@
-"""Classifier-free-guidance sampling, with an optional negative model for the null branch.
+"""Classifier-free-guidance sampling through the model's family, with an optional negative
+model for the null branch.
 
-    eps = eps_neg(x, ∅) + s·(eps_pos(x, c) − eps_neg(x, ∅))
+    pred = pred_neg(x, ∅) + s·(pred_pos(x, c) − pred_neg(x, ∅))
 
-``eps_neg`` is the same network as ``eps_pos`` (standard CFG; Diff-SNPO's single network) or a
+``pred_neg`` is the same network as ``pred_pos`` (standard CFG; Diff-SNPO's single network) or a
 separate negative model (Diffusion-NPO). The guidance applies to whatever the model predicts
-(epsilon or velocity); the scheduler turns it into the next sample. Default: DDIM, 50 steps.
+(ε, v or flow velocity); the family's scheduler turns it into the next sample. Families
+without a null branch (guidance-distilled) get s as their embedded guidance instead.
+Default scheduler: the family's (DDIM, 50 steps, for the ε-families).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .models import DiffusionModel, PromptEmbeddings, decode_latents, time_ids, unet_conditioning
-
-
-def make_scheduler(model: DiffusionModel, name: str = "ddim"):
-    """A sampling scheduler built from the model's training scheduler config."""
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
-
-    classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler}
-    if name not in classes:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(classes)}")
-    return classes[name].from_config(model.scheduler.config)
+from snpo.models.diffusion import DiffusionModel
+from snpo.models.embeddings import PromptEmbeddings
+from snpo.models.latents import decode_latents
+from snpo.models.sd import time_ids
 
 
 def initial_noise(
@@ -45,50 +41,62 @@ def generate(
     steps: int = 50,
     resolution: int | None = None,
     negative_unet: torch.nn.Module | None = None,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Images in [0, 1], (B, 3, H, W), for B = len(seeds) rows of ``cond``.
 
-    null: the (1, L, D) unconditional embedding (``snpo.models.null_embedding``).
-    guidance_scale 1 → plain conditional sampling (the null branch, or negative model, is skipped).
+    null: the (1, L, D) unconditional embedding (:func:`snpo.models.null_embedding`).
+    guidance_scale 1 → plain conditional sampling (the null branch, or negative model, is
+    skipped). scheduler: a name the family knows (ε-families: ddim, ddpm, euler), None → its
+    default.
     """
     if len(cond) != len(seeds):
         raise ValueError(f"{len(cond)} prompt embeddings but {len(seeds)} seeds")
-    unet = model.unet
-    device = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
-    res = resolution or unet.config.sample_size * model.latent_scale
+    fam = model.spec
+    net = model.denoiser
+    device = next(net.parameters()).device
+    dtype = next(net.parameters()).dtype
+    if not resolution:
+        from snpo.models.trained import default_resolution
+
+        resolution = default_resolution(model)
+    res = resolution
     side = res // model.latent_scale
-    sched = make_scheduler(model, scheduler)
-    sched.set_timesteps(steps, device=device)
+    shape = (model.in_channels, side, side)
+    sched = fam.sampling_scheduler(model, scheduler, steps, device, shape)
     b = len(seeds)
-    x = initial_noise(seeds, (model.in_channels, side, side), device) * sched.init_noise_sigma
+    x = fam.initial_latents(sched, initial_noise(seeds, shape, device))
     cond = cond.to(device=device, dtype=dtype)
     null_b = null.to(device=device, dtype=dtype).expand(b)
-    tid = time_ids(b, (res, res), device=device, dtype=dtype) if model.family == "sdxl" else None
-    use_null = guidance_scale != 1.0  # at s = 1 the null branch cancels: eps = eps_c
+    tid = time_ids(b, (res, res), device=device, dtype=dtype) if fam.needs_time_ids else None
+    guidance = None
+    if not fam.has_null_branch:  # guidance-distilled: the scale is an input, no null branch
+        guidance = torch.full((b,), float(guidance_scale), device=device, dtype=dtype)
+    use_null = fam.has_null_branch and guidance_scale != 1.0  # at s = 1: pred = pred_c
     same_net = negative_unet is None
+
+    def predict(module, xin, t, emb, rows_tid, rows_guidance):
+        kw = fam.conditioning(model, emb, rows_tid, guidance=rows_guidance)
+        return fam.denoise(module, xin, t, kw).float()
+
     it = sched.timesteps
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="sampling", leave=False)
     for t in it:
-        xin = sched.scale_model_input(x, t).to(dtype)
+        xin = fam.model_input(sched, x, t).to(dtype)
         if use_null and same_net:
             # one forward carries both branches: rows [null; cond]
             both = PromptEmbeddings.cat([null_b, cond])
             tid2 = None if tid is None else torch.cat([tid, tid])
-            out = unet(torch.cat([xin, xin]), t, **unet_conditioning(model, both, tid2)).sample
-            eps_u, eps_c = out.float().chunk(2)
+            pred_u, pred_c = predict(net, torch.cat([xin, xin]), t, both, tid2, None).chunk(2)
         else:
-            eps_c = unet(xin, t, **unet_conditioning(model, cond, tid)).sample.float()
-            eps_u = eps_c
+            pred_c = predict(net, xin, t, cond, tid, guidance)
+            pred_u = pred_c
             if use_null:
-                eps_u = negative_unet(
-                    xin, t, **unet_conditioning(model, null_b, tid)
-                ).sample.float()
-        eps = eps_u + guidance_scale * (eps_c - eps_u)
-        x = sched.step(eps, t, x).prev_sample
+                pred_u = predict(negative_unet, xin, t, null_b, tid, None)
+        pred = pred_u + guidance_scale * (pred_c - pred_u)
+        x = sched.step(pred, t, x).prev_sample
     return decode_latents(model, x)

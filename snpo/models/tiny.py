@@ -52,24 +52,35 @@ def build_tokenizer(words: list[str], max_length: int = 16):
     raise RuntimeError(f"could not make every word one token: {bad}")
 
 
+def clip_text_config(tokenizer, **fields):
+    """A CLIPTextConfig for ``tokenizer``: its vocabulary size, length and special tokens, with
+    ``fields`` (CLIPTextConfig arguments) on top."""
+    from transformers import CLIPTextConfig
+
+    eos = tokenizer.convert_tokens_to_ids(SPECIAL[1])
+    base = {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": tokenizer.model_max_length,
+        "bos_token_id": tokenizer.convert_tokens_to_ids(SPECIAL[0]),
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+    }
+    return CLIPTextConfig(**{**base, **fields})
+
+
 def build_text_encoder(
     tokenizer, hidden: int = 32, layers: int = 2, with_projection: bool = False, seed: int = 0
 ):
     """A small CLIP text encoder sized for ``tokenizer`` (random weights, seeded)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    eos = tokenizer.convert_tokens_to_ids(SPECIAL[1])
-    cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer),
+    cfg = clip_text_config(
+        tokenizer,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
         projection_dim=hidden,
-        bos_token_id=tokenizer.convert_tokens_to_ids(SPECIAL[0]),
-        eos_token_id=eos,
-        pad_token_id=eos,
     )
     torch.manual_seed(seed)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
@@ -142,52 +153,8 @@ def build_scheduler(prediction_type: str = "epsilon", beta_schedule: str = "scal
     )
 
 
-def save_tiny_model(
-    path: str | Path,
-    *,
-    family: str = "sd",
-    words: list[str] | None = None,
-    resolution: int = 16,
-    with_vae: bool = True,
-    prediction_type: str = "epsilon",
-    beta_schedule: str = "scaled_linear",
-    unet_channels: tuple[int, ...] = (32, 64),
-    text_hidden: int = 32,
-    seed: int = 0,
-) -> Path:
-    """Write a complete tiny model folder (diffusers layout) and return its path.
-
-    family "sd": unet + text_encoder + tokenizer (+ vae); "sdxl": also text_encoder_2 +
-    tokenizer_2 and a text_time UNet. Without a VAE the UNet works on 3-channel pixels.
-    """
-    if family not in ("sd", "sdxl"):
-        raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    words = words or ["a", "photo", "of", "red", "blue", "green", "cube", "ball", "cat", "dog"]
-    tok = build_tokenizer(words)
-    te = build_text_encoder(tok, hidden=text_hidden, seed=seed)
-    tok.save_pretrained(path / "tokenizer")
-    te.save_pretrained(path / "text_encoder")
-    cross, pooled = text_hidden, None
-    if family == "sdxl":
-        te2 = build_text_encoder(tok, hidden=text_hidden, with_projection=True, seed=seed + 1)
-        tok.save_pretrained(path / "tokenizer_2")
-        te2.save_pretrained(path / "text_encoder_2")
-        cross, pooled = 2 * text_hidden, text_hidden
-    scale = 2 if with_vae else 1
-    unet = build_unet(
-        sample_size=resolution // scale,
-        in_channels=4 if with_vae else 3,
-        cross_attention_dim=cross,
-        channels=unet_channels,
-        sdxl_pooled_dim=pooled,
-        seed=seed,
-    )
-    unet.save_pretrained(path / "unet")
-    if with_vae:
-        build_vae(seed=seed).save_pretrained(path / "vae")
-    build_scheduler(prediction_type, beta_schedule).save_pretrained(path / "scheduler")
+def model_index(family: str, *, with_vae: bool = True) -> dict:
+    """The model_index.json of an ``sd`` / ``sdxl`` folder (pixel space: no VAE entry)."""
     cls = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
     index = {
         "_class_name": cls if with_vae else "SnpoPixelDiffusion",
@@ -208,5 +175,80 @@ def save_tiny_model(
             feature_extractor=[None, None],
             requires_safety_checker=False,
         )
+    return index
+
+
+def save_model_folder(
+    path: str | Path,
+    *,
+    unet,
+    text_encoders: list,
+    tokenizers: list,
+    scheduler,
+    vae=None,
+) -> Path:
+    """Save UNet-family components in the diffusers layout: unet/, scheduler/, text_encoder/ +
+    tokenizer/ (a second encoder: text_encoder_2/ + tokenizer_2/, the sdxl family), vae/ if
+    given, and model_index.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for j, (enc, tok) in enumerate(zip(text_encoders, tokenizers)):
+        sfx = "" if j == 0 else f"_{j + 1}"
+        tok.save_pretrained(path / f"tokenizer{sfx}")
+        enc.save_pretrained(path / f"text_encoder{sfx}")
+    unet.save_pretrained(path / "unet")
+    if vae is not None:
+        vae.save_pretrained(path / "vae")
+    scheduler.save_pretrained(path / "scheduler")
+    family = "sdxl" if len(text_encoders) == 2 else "sd"
+    index = model_index(family, with_vae=vae is not None)
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
+
+
+def save_tiny_model(
+    path: str | Path,
+    *,
+    family: str = "sd",
+    words: list[str] | None = None,
+    resolution: int = 16,
+    with_vae: bool = True,
+    prediction_type: str = "epsilon",
+    beta_schedule: str = "scaled_linear",
+    unet_channels: tuple[int, ...] = (32, 64),
+    text_hidden: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Write a complete tiny model folder (diffusers layout) and return its path.
+
+    family "sd": unet + text_encoder + tokenizer (+ vae); "sdxl": also text_encoder_2 +
+    tokenizer_2 and a text_time UNet. Without a VAE the UNet works on 3-channel pixels.
+    """
+    if family not in ("sd", "sdxl"):
+        raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
+    words = words or ["a", "photo", "of", "red", "blue", "green", "cube", "ball", "cat", "dog"]
+    tok = build_tokenizer(words)
+    encoders = [build_text_encoder(tok, hidden=text_hidden, seed=seed)]
+    cross, pooled = text_hidden, None
+    if family == "sdxl":
+        encoders.append(
+            build_text_encoder(tok, hidden=text_hidden, with_projection=True, seed=seed + 1)
+        )
+        cross, pooled = 2 * text_hidden, text_hidden
+    scale = 2 if with_vae else 1
+    unet = build_unet(
+        sample_size=resolution // scale,
+        in_channels=4 if with_vae else 3,
+        cross_attention_dim=cross,
+        channels=unet_channels,
+        sdxl_pooled_dim=pooled,
+        seed=seed,
+    )
+    return save_model_folder(
+        path,
+        unet=unet,
+        text_encoders=encoders,
+        tokenizers=[tok] * len(encoders),
+        scheduler=build_scheduler(prediction_type, beta_schedule),
+        vae=build_vae(seed=seed) if with_vae else None,
+    )

@@ -12,17 +12,20 @@ positive UNet mixed with the reference by ``merge_weight`` (α = 1 − merge_wei
 NPO LoRA (trained on the reference) at scale 1 (β = 1). Diff-SNPO reports that this merging
 costs negative alignment (63.8 % → 52.3 % implicit accuracy); try smaller α.
 
-Inputs (each of ``--reference``, ``--positive``, ``--negative``): an snpo export (full UNet or
-LoRA), a diffusers model folder or hub id, or a bare UNet folder. A LoRA's delta
-ΔW = scale·B·A is taken relative to the base model recorded in its export, which must be the
-reference (``--allow-base-mismatch`` to override).
+Inputs (each of ``--reference``, ``--positive``, ``--negative``): an snpo export (full
+denoiser or LoRA), a diffusers model folder or hub id, or a bare denoiser folder, all of one
+model family with a CFG null branch (SD1.5-, SDXL- or SD3-class: the UNet, or the SD3
+transformer, is merged; FLUX-class models have no null branch for a negative to serve and are
+refused). A LoRA's delta ΔW = scale·B·A is taken relative to the base model recorded in its
+export, which must be the reference (``--allow-base-mismatch`` to override).
 
-Output (an snpo export folder, loadable by :func:`snpo.export.load_export` and by diffusers):
+Output (an snpo export folder, loadable by :func:`snpo.models.load_export` and by diffusers):
 - ``--format lora`` (the default when every non-reference input is a LoRA): an exact LoRA, ranks
   concatenated per layer: A = [A⁺; A⁻], B = [α·s⁺·B⁺, β·s⁻·B⁻] gives B·A = α·ΔW⁺ + β·ΔW⁻ (a layer
   adapted by one LoRA only keeps its factors; ranks are zero-padded to one rank R so that every
   diffusers version reads scale 1 = alpha/R);
-- ``--format full`` (otherwise): the merged UNet weights (safetensors), computed in float32.
+- ``--format full`` (otherwise): the merged denoiser weights (safetensors, in ``unet/`` or
+  ``transformer/``), computed in float32.
 Nothing is written until the merge has succeeded; the output folder is replaced atomically.
 """
 
@@ -31,22 +34,28 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .export import (
-    LORA_FILE,
+from snpo.models import (
     META_FILE,
+    DiffusionModel,
     ExportError,
+    ModelLoadError,
+    detect_family,
+    get_family,
+    is_deepspeed_checkpoint,
+    load_any,
     load_lora_into,
+    lora_config,
     read_export_meta,
     write_export,
 )
-from .models import ModelLoadError
+from snpo.models.trained import denoiser_class_of, is_model_folder
+from snpo.precision import dtype_of
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 UNET_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -60,9 +69,10 @@ class MergeError(RuntimeError):
 
 
 def check_same_layout(
-    ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], label: str
+    ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], label: str, what: str = "UNet"
 ) -> None:
-    """Same keys and shapes as the reference, or a MergeError naming the differences."""
+    """Same keys and shapes as the reference, or a MergeError naming the differences
+    (``what``: the denoiser, "UNet" | "transformer", in the message)."""
     missing = sorted(set(ref) - set(other))
     extra = sorted(set(other) - set(ref))
     shapes = [
@@ -79,7 +89,7 @@ def check_same_layout(
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
         raise MergeError(
-            f"the {label} UNet does not match the reference architecture: " + "; ".join(parts)
+            f"the {label} {what} does not match the reference architecture: " + "; ".join(parts)
         )
 
 
@@ -91,12 +101,14 @@ def merge_full(
     alpha: float = 1.0,
     beta: float = 1.0,
     dtype: torch.dtype | None = None,
+    what: str = "UNet",
 ) -> dict[str, torch.Tensor]:
     """θ_ref + α(θ⁺ − θ_ref) + β(θ⁻ − θ_ref) per tensor, in float32 (float64 stays), cast to
-    ``dtype`` (default: the reference tensor's dtype)."""
-    check_same_layout(ref, negative, "negative")
+    ``dtype`` (default: the reference tensor's dtype). Any denoiser's state dict (UNet or
+    transformer: ``what`` names it in errors)."""
+    check_same_layout(ref, negative, "negative", what)
     if positive is not None:
-        check_same_layout(ref, positive, "positive")
+        check_same_layout(ref, positive, "positive", what)
     out = {}
     for k, r in ref.items():
         ct = torch.float64 if r.dtype == torch.float64 else torch.float32
@@ -181,7 +193,7 @@ def apply_deltas(
         for name, f in factors.items():
             key = f"{name}.weight"
             if key not in out:
-                raise MergeError(f"the LoRA adapts layer {name}, which the reference UNet lacks")
+                raise MergeError(f"the LoRA adapts layer {name}, which the reference lacks")
             out[key] = out[key] + coef * lora_delta(f, tuple(out[key].shape))
     return {k: v.to(dtype or ref[k].dtype) for k, v in out.items()}
 
@@ -191,52 +203,87 @@ def apply_deltas(
 
 @dataclass
 class Input:
-    """One merge input: full weights (a lazily read UNet state dict) or LoRA factors."""
+    """One merge input: full weights (a lazily read denoiser state dict) or LoRA factors.
+
+    family: its model family where the folder says (export, model folder), else None;
+    denoiser_class: the diffusers class of a bare denoiser folder, else None."""
 
     label: str
     path: str
     kind: str  # "full" | "lora"
     base: str | None = None  # LoRA: the model its delta is relative to
     meta: dict = field(default_factory=dict)
+    family: str | None = None
+    denoiser_class: str | None = None
 
 
 def describe(path: str, label: str) -> Input:
-    from .sample import is_deepspeed_checkpoint, is_unet_folder
-
     p = Path(path)
     if p.is_dir() and (p / META_FILE).is_file():
         meta = read_export_meta(p)
+        fam = meta.get("family", "sd")
         if meta["kind"] == "lora":
-            return Input(label, path, "lora", base=meta.get("base_model"), meta=meta)
-        return Input(label, path, "full", meta=meta)
-    if p.is_dir() and ((p / "unet").is_dir() or is_unet_folder(p)):
-        return Input(label, path, "full")
+            return Input(label, path, "lora", meta.get("base_model"), meta, family=fam)
+        return Input(label, path, "full", meta=meta, family=fam)
+    if is_model_folder(p):
+        try:
+            return Input(label, path, "full", family=detect_family(path))
+        except ModelLoadError as err:
+            raise MergeError(f"--{label} {path}: {err}") from None
+    if p.is_dir() and denoiser_class_of(p) is not None:
+        return Input(label, path, "full", denoiser_class=denoiser_class_of(p))
     if is_deepspeed_checkpoint(p):
         raise MergeError(
             f"--{label} {path} looks like a DeepSpeed checkpoint; merge reads exports, diffusers "
-            "model folders or UNet folders. Export the checkpoint first."
+            "model folders or UNet/transformer folders. Export the checkpoint first."
         )
     if p.exists():
         raise MergeError(
             f"--{label} {path} is neither an snpo export, a diffusers model folder, nor a "
-            "UNet folder"
+            "UNet or transformer folder"
         )
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
         raise MergeError(f"--{label} {path} does not exist (and is not a hub id owner/name)")
     return Input(label, path, "full")  # a hub id
 
 
-def _unet_dir(path: Path) -> Path:
-    if (path / "unet").is_dir():
-        return path / "unet"
-    return path
+def check_families(family: str, inputs: list[Input]) -> None:
+    """Every input is of ``family`` (the reference's) and the family has a CFG null branch for
+    the merged negative to serve; MergeError (one line) otherwise."""
+    spec = get_family(family)
+    if not spec.has_null_branch:
+        raise MergeError(
+            f"the reference is {family}-class, a guidance-distilled family without a CFG null "
+            "branch: a merged negative model has no use there (snpo sample refuses --negative)"
+        )
+    for i in inputs:
+        if i.family is not None and i.family != family:
+            raise MergeError(
+                f"cannot merge across model families: the reference is {family}-class, the "
+                f"--{i.label} {i.path} is {i.family}-class"
+            )
+        if i.denoiser_class is not None and i.denoiser_class != spec.denoiser_class:
+            raise MergeError(
+                f"cannot merge across model families: the reference's denoiser is a "
+                f"{spec.denoiser_class}, the --{i.label} {i.path} is a {i.denoiser_class}"
+            )
 
 
-def read_unet_state(path: str) -> dict[str, torch.Tensor]:
-    """The UNet weights of an export / model folder / UNet folder / hub id (float as stored)."""
+def _denoiser_dir(path: Path, family: str) -> Path:
+    """The denoiser folder of an export or model folder of ``family`` (a bare folder: itself)."""
+    sub = path / get_family(family).denoiser
+    return sub if sub.is_dir() else path
+
+
+def read_denoiser_state(path: str, family: str = "sd") -> dict[str, torch.Tensor]:
+    """The denoiser weights (UNet or transformer) of an export / model folder / bare denoiser
+    folder / hub id of ``family`` (float as stored)."""
+    import diffusers
+
     p = Path(path)
+    spec = get_family(family)
     if p.is_dir():
-        d = _unet_dir(p)
+        d = _denoiser_dir(p, family)
         from safetensors.torch import load_file
 
         if (d / UNET_WEIGHTS).is_file():
@@ -247,20 +294,23 @@ def read_unet_state(path: str) -> dict[str, torch.Tensor]:
             for shard in sorted(set(index["weight_map"].values())):
                 out.update(load_file(str(d / shard)))
             return out
-    from diffusers import UNet2DConditionModel
-
+    cls = getattr(diffusers, spec.denoiser_class)
     try:
         if p.is_dir():
-            unet = UNet2DConditionModel.from_pretrained(str(_unet_dir(p)))
+            net = cls.from_pretrained(str(_denoiser_dir(p, family)))
         else:
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+            net = cls.from_pretrained(path, subfolder=spec.denoiser)
     except (OSError, ValueError) as err:
-        raise MergeError(f"cannot read the UNet weights of {path}: {err}") from err
-    return {k: v.detach() for k, v in unet.state_dict().items()}
+        raise MergeError(f"cannot read the {spec.denoiser} weights of {path}: {err}") from err
+    return {k: v.detach() for k, v in net.state_dict().items()}
+
+
+read_unet_state = read_denoiser_state
 
 
 def extract_lora_factors(unet: torch.nn.Module, adapter: str) -> dict[str, LoraFactors]:
-    """Factors and scale of every layer of ``adapter`` loaded into ``unet`` (peft layers)."""
+    """Factors and scale of every layer of ``adapter`` loaded into the denoiser ``unet`` (peft
+    layers)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     out = {}
@@ -285,7 +335,7 @@ def extract_lora_factors(unet: torch.nn.Module, adapter: str) -> dict[str, LoraF
             float(module.scaling[adapter]),
         )
     if not out:
-        raise MergeError(f"the LoRA {adapter!r} adapts no layer of the reference UNet")
+        raise MergeError(f"the LoRA {adapter!r} adapts no layer of the reference denoiser")
     return out
 
 
@@ -323,8 +373,6 @@ def merge(
     save_dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Merge and write an export folder at ``out`` (see the module docstring); returns its path."""
-    from .sample import load_any
-
     if fmt not in ("auto", "full", "lora"):
         raise MergeError(f"--format must be auto, full or lora, not {fmt!r}")
     out = Path(out)
@@ -342,6 +390,8 @@ def merge(
         raise MergeError(
             "--reference must be full weights (the base model); a LoRA export is a delta"
         )
+    if ref_desc.family is not None:  # known before loading anything
+        check_families(ref_desc.family, inputs)
     all_lora = all(i.kind == "lora" for i in inputs)
     if fmt == "lora" and not all_lora:
         full = [i.label for i in inputs if i.kind == "full"]
@@ -352,6 +402,7 @@ def merge(
     out_fmt = "lora" if (fmt == "lora" or (fmt == "auto" and all_lora)) else "full"
 
     model, ref_info = load_any(reference, dtype=torch.float32, device="cpu", base_model=base_model)
+    check_families(model.family, inputs)
     ref_source = ref_info["source"] if ref_info["kind"] == "model" else None
     for i in inputs:
         if i.kind == "lora" and not allow_base_mismatch and not _same_model(i.base, reference):
@@ -366,16 +417,18 @@ def merge(
             f"(it is {ref_info['kind']}); use --format full"
         )
     unet = model.unet
+    part = model.spec.denoiser  # "unet" | "transformer"
+    what = denoiser_word(model)
     ref_sd = {k: v.detach() for k, v in unet.state_dict().items()}
 
     factors: dict[str, dict[str, LoraFactors]] = {}
     for i in inputs:
         if i.kind == "lora":
             try:
-                load_lora_into(unet, i.path, adapter_name=i.label)
+                load_lora_into(unet, i.path, adapter_name=i.label, prefix=part)
             except (ValueError, KeyError, RuntimeError) as err:
                 raise MergeError(
-                    f"the {i.label} LoRA {i.path} does not fit the reference UNet: {err}"
+                    f"the {i.label} LoRA {i.path} does not fit the reference {what}: {err}"
                 ) from err
             factors[i.label] = extract_lora_factors(unet, i.label)
             for name, f in factors[i.label].items():
@@ -394,7 +447,7 @@ def merge(
         unet.unload_lora()
         now = unet.state_dict()
         if set(now) != set(ref_sd):
-            raise MergeError("internal: the reference UNet changed while reading the LoRAs")
+            raise MergeError(f"internal: the reference {what} changed while reading the LoRAs")
 
     neg_meta = neg.meta
     null_kind = neg_meta.get("null_kind", model.null_kind)
@@ -412,21 +465,29 @@ def merge(
         merged = merge_lora_factors(
             factors["negative"], factors.get("positive"), alpha=alpha, beta=beta
         )
-        return _write_lora_export(out, model, merged, null_kind, meta, save_dtype)
+        attach_lora_factors(unet, merged, save_dtype)
+        model.force_zeros_for_empty_prompt = null_kind == "zeros"
+        meta["lora_rank"] = max(f.rank for f in merged.values())
+        return write_export(out, model, unet, lora=True, meta=meta)
 
-    # full weights: θ_ref + Σ coef·(θ − θ_ref), LoRA inputs contributing coef·ΔW
-    result = {k: v.to(torch.float32) for k, v in ref_sd.items()}
-    for i, coef in ((pos, alpha), (neg, beta)):
-        if i is None:
-            continue
-        if i.kind == "lora":
-            result = apply_deltas(result, [(coef, factors[i.label])], dtype=torch.float32)
-        else:
-            sd = read_unet_state(i.path)
-            check_same_layout(ref_sd, sd, i.label)
-            for k in result:
-                result[k] = result[k] + coef * (sd[k].to(torch.float32) - ref_sd[k].float())
-            del sd
+    # full weights: merge_full on θ⁺, θ⁻ (a LoRA input as θ_ref + ΔW); holds the reference,
+    # both inputs and the result in memory at once
+    thetas = {
+        i.label: apply_deltas(ref_sd, [(1.0, factors[i.label])], dtype=torch.float32)
+        if i.kind == "lora"
+        else read_denoiser_state(i.path, model.family)
+        for i in inputs
+    }
+    result = merge_full(
+        ref_sd,
+        thetas["negative"],
+        thetas.get("positive"),
+        alpha=alpha,
+        beta=beta,
+        dtype=torch.float32,
+        what=what,
+    )
+    del thetas
     if save_dtype != torch.float32:
         unet.to(save_dtype)
     unet.load_state_dict({k: v.to(save_dtype) for k, v in result.items()})
@@ -434,46 +495,31 @@ def merge(
     return write_export(out, model, unet, lora=False, meta=meta)
 
 
-def _write_lora_export(
-    out: Path,
-    model,
-    factors: dict[str, LoraFactors],
-    null_kind: str,
-    meta: dict,
-    save_dtype: torch.dtype,
-) -> Path:
-    """The export layout of :func:`snpo.export.write_export` for a LoRA given as factors."""
-    from safetensors.torch import save_file
+def denoiser_word(model: DiffusionModel) -> str:
+    """ "UNet" or "transformer": the merged denoiser, as the messages name it."""
+    return "UNet" if model.spec.denoiser == "unet" else model.spec.denoiser
 
-    from snpo_kernels import __version__
 
-    weights = {}
-    for name, f in factors.items():
-        weights[f"unet.{name}.lora_A.weight"] = f.A.to(save_dtype).contiguous()
-        weights[f"unet.{name}.lora_B.weight"] = f.B.to(save_dtype).contiguous()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / LORA_FILE), metadata={"format": "pt"})
-    src = model.source
-    info = {
-        "base_model": str(Path(src).resolve()) if Path(src).is_dir() else src,
-        "kind": "lora",
-        "family": model.family,
-        "null_kind": null_kind,
-        "prediction_type": model.prediction_type,
-        "snpo_version": __version__,
-        "lora_rank": max(f.rank for f in factors.values()),
-        **meta,
-    }
-    (tmp / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+def attach_lora_factors(
+    unet: torch.nn.Module, factors: dict[str, LoraFactors], dtype: torch.dtype
+) -> None:
+    """Add an adapter "default" to the denoiser ``unet`` holding ``factors`` exactly: one rank R (they are
+    padded to it), lora_alpha R (scale 1), target modules the factors' layer names."""
+    ranks = {f.rank for f in factors.values()}
+    if len(ranks) != 1 or any(f.scale != 1.0 for f in factors.values()):
+        raise MergeError("internal: merged LoRA factors must have one rank and scale 1")
+    (rank,) = ranks
+    unet.add_adapter(lora_config(sorted(factors), rank, rank))
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name, f in factors.items():
+            layer = modules[name]
+            layer.lora_A["default"].weight.data = f.A.to(dtype).reshape_as(
+                layer.lora_A["default"].weight
+            )
+            layer.lora_B["default"].weight.data = f.B.to(dtype).reshape_as(
+                layer.lora_B["default"].weight
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "full", "lora"],
         help="auto: LoRA when every non-reference input is a LoRA, else full weights",
     )
-    ap.add_argument("--base-model", help="base model of a bare-UNet or moved-export reference")
+    ap.add_argument(
+        "--base-model", help="base model of a bare UNet/transformer or moved-export reference"
+    )
     ap.add_argument(
         "--allow-base-mismatch",
         action="store_true",
@@ -508,12 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .sample import DTYPES, SampleError
-
     args = build_parser().parse_args(argv)
     try:
-        if args.save_dtype not in DTYPES:
-            raise MergeError(f"--save-dtype: one of {', '.join(sorted(DTYPES))}")
+        try:
+            save_dtype = dtype_of(args.save_dtype)
+        except ValueError as err:
+            raise MergeError(f"--save-dtype: {err}") from None
         path = merge(
             reference=args.reference,
             positive=args.positive,
@@ -524,9 +572,9 @@ def main(argv: list[str] | None = None) -> int:
             fmt=args.format,
             base_model=args.base_model,
             allow_base_mismatch=args.allow_base_mismatch,
-            save_dtype=DTYPES[args.save_dtype],
+            save_dtype=save_dtype,
         )
-    except (MergeError, ExportError, ModelLoadError, SampleError) as err:
+    except (MergeError, ExportError, ModelLoadError) as err:
         print(f"snpo merge: error: {err}", file=sys.stderr)
         return 2
     meta = read_export_meta(path)

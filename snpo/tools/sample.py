@@ -3,20 +3,22 @@
     snpo sample --model base=runs/base --model snpo=runs/snpo/export \\
         --prompts prompts.txt --out runs/samples [--seeds 0,1,2,3] [--guidance 7.5] [--steps 50]
 
-Defaults follow the papers' protocol: DDIM, 50 steps, CFG 7.5, seeds 0–3. Every image of one
-(prompt, seed) starts from the same initial noise for every model (the noise is seeded per image,
-independent of the batch), so the contact sheet compares like with like.
+Defaults follow the papers' protocol: 50 steps, CFG 7.5, seeds 0–3, the family's sampler
+(DDIM for SD1.5/SDXL-class models, flow-matching Euler for SD3- and FLUX-class ones). Every image
+of one (prompt, seed) starts from the same initial noise for every model (the noise is seeded per
+image, independent of the batch), so the contact sheet compares like with like.
 
-A model is (see :func:`load_any`):
-- an snpo export (``snpo_export.json``: full UNet or LoRA, fused) — CFG uses the null embedding
-  recorded in the export (``null_kind``), the one its null-prompt branch was trained with;
-- a diffusers model folder or hub id (SD1.5- or SDXL-class, or a pixel-space model without VAE);
-- a bare UNet folder (``config.json`` + weights), with ``--base-model`` for the other parts.
-DeepSpeed checkpoints are not read: export them first (the trainer writes exports).
+A model is an snpo export, a diffusers model folder or hub id, or a bare denoiser (UNet or
+transformer) folder with ``--base-model`` (:func:`snpo.models.trained.load_any`), of any family.
+CFG uses the null embedding recorded in an export (``null_kind``), the one its null-prompt branch
+was trained with. Guidance-distilled (FLUX-class) models have no null branch: ``--guidance`` is
+their embedded guidance (default: the one the export was trained with, else 3.5) and one
+conditional forward per step samples them.
 
-Diffusion-NPO: ``--negative NAME=PATH`` (or ``--negative PATH`` with one model) makes the UNet of
-PATH the unconditional branch of model NAME: eps = eps_neg(x, ∅) + s·(eps_pos(x, c) − eps_neg(x, ∅)).
-The negative is usually the output of ``snpo merge``.
+Diffusion-NPO: ``--negative NAME=PATH`` (or ``--negative PATH`` with one model) makes the
+denoiser of PATH the unconditional branch of model NAME:
+pred = pred_neg(x, ∅) + s·(pred_pos(x, c) − pred_neg(x, ∅)) (ε, or the flow velocity). The
+negative is usually the output of ``snpo merge``; FLUX-class models refuse it.
 
 Output: ``images/<model>/p<prompt>_s<seed>.png``, ``grids/p<prompt>.png`` (one column per model,
 one row per seed) and ``manifest.json`` (model, prompt, seed, guidance, … and file of each image).
@@ -33,159 +35,34 @@ from pathlib import Path
 
 import torch
 
-from .export import ExportError
-from .images import contact_sheet, save_png
-from .models import DiffusionModel, ModelLoadError, PromptEmbeddings, encode_prompts, load_model
+from snpo.atomic import atomic_write_text
+from snpo.data import contact_sheet, save_png
+from snpo.models import (
+    DiffusionModel,
+    ExportError,
+    ModelLoadError,
+    PromptEmbeddings,
+    check_negative_compatible,
+    encode_prompts,
+    load_any,
+    null_for,
+    resolve_device,
+    resolve_dtype,
+)
+from snpo.models.trained import default_resolution, no_null_branch_message
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 MANIFEST = "manifest.json"
+CFG_SCALE = 7.5  # the papers' CFG scale, the default of families with a null branch
+SCHEDULERS = ("ddim", "ddpm", "euler", "flow_euler")  # what the families know (ε: the first 3)
 
 
 class SampleError(RuntimeError):
     """Bad sampling arguments or inputs (the message says which)."""
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-def is_deepspeed_checkpoint(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    if (path / "latest").is_file() or (path / "zero_to_fp32.py").is_file():
-        return True
-    return any(p.is_dir() and p.name.startswith("global_step") for p in path.iterdir())
-
-
-def is_unet_folder(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("_class_name") == "UNet2DConditionModel"
-    except (OSError, ValueError):
-        return False
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
-    if name not in DTYPES:
-        raise SampleError(f"unknown dtype {name!r}; one of auto, {', '.join(sorted(DTYPES))}")
-    return DTYPES[name]
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def load_any(
-    source: str,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    base_model: str | None = None,
-) -> tuple[DiffusionModel, dict]:
-    """Load an export, a diffusers model folder / hub id, or a bare UNet folder.
-
-    Returns the model and a description: {"source", "kind": "export-full" | "export-lora" |
-    "model" | "unet", "null_kind", "family", "meta" (the export metadata or {})}.
-    """
-    from .export import META_FILE, load_export
-
-    path = Path(source)
-    if path.is_dir() and (path / META_FILE).is_file():
-        model, meta = load_export(path, dtype=dtype, device=device, base_model=base_model)
-        kind = f"export-{meta['kind']}"
-    elif path.is_dir() and (path / "unet").is_dir():
-        model, meta, kind = load_model(source, dtype=dtype, device=device), {}, "model"
-    elif path.is_dir() and is_unet_folder(path):
-        if base_model is None:
-            raise SampleError(
-                f"{source} is a bare UNet folder: give --base-model (the diffusers model whose "
-                "text encoders, tokenizer, scheduler and VAE it goes with)"
-            )
-        model = load_model(base_model, dtype=dtype, device=device, unet_path=str(path))
-        meta, kind = {}, "unet"
-    elif is_deepspeed_checkpoint(path):
-        raise SampleError(
-            f"{source} looks like a DeepSpeed checkpoint; sampling reads exports (an "
-            "snpo_export.json folder), diffusers model folders or UNet folders. Export the "
-            "checkpoint first: the trainer writes OUTPUT_DIR/export at the end of a run (and "
-            "export-step<N> with export_every)."
-        )
-    elif path.exists():
-        raise SampleError(
-            f"{source} is neither an snpo export, a diffusers model folder, nor a UNet folder"
-        )
-    else:
-        model, meta, kind = load_model(source, dtype=dtype, device=device), {}, "model"
-    if (
-        dtype == torch.float16
-        and model.vae is not None
-        and getattr(model.vae.config, "force_upcast", False)
-    ):
-        model.vae.to(torch.float32)  # SDXL's VAE overflows in float16 (diffusers upcasts too)
-    info = {
-        "source": str(source),
-        "kind": kind,
-        "family": model.family,
-        "null_kind": model.null_kind,
-        "meta": meta,
-    }
-    return model, info
-
-
-def null_for(model: DiffusionModel, kind: str) -> PromptEmbeddings:
-    """The null embedding of ``kind`` ("empty_prompt" | "zeros") with ``model``'s encoders."""
-    if kind not in ("empty_prompt", "zeros"):
-        raise SampleError(f"unknown null embedding kind {kind!r}")
-    emb = encode_prompts(model, [""])
-    if kind == "zeros":
-        pooled = None if emb.pooled is None else torch.zeros_like(emb.pooled)
-        emb = PromptEmbeddings(torch.zeros_like(emb.embeds), pooled)
-    return emb
-
-
-_UNET_MATCH = (
-    "in_channels",
-    "out_channels",
-    "cross_attention_dim",
-    "addition_embed_type",
-    "projection_class_embeddings_input_dim",
-    "block_out_channels",
-)
-
-
-def check_negative_compatible(model: DiffusionModel, negative: DiffusionModel, label: str) -> None:
-    """The negative UNet must take the positive model's inputs (same family and UNet interface)."""
-    if model.family != negative.family:
-        raise SampleError(
-            f"{label}: the negative model is {negative.family}-class but the model is "
-            f"{model.family}-class"
-        )
-    a, b = model.unet.config, negative.unet.config
-    bad = [k for k in _UNET_MATCH if list_or(a.get(k)) != list_or(b.get(k))]
-    if bad:
-        detail = ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in bad)
-        raise SampleError(f"{label}: the negative UNet does not match the model's ({detail})")
-
-
-def list_or(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
-
-
 @dataclass
 class Entry:
-    """One column of the contact sheet: a model, optionally with a negative UNet."""
+    """One column of the contact sheet: a model, optionally with a negative denoiser."""
 
     name: str
     model: DiffusionModel
@@ -241,10 +118,12 @@ def build_entries(
     for name, src in models.items():
         model, info = get(src)
         entry = Entry(name, model, info, null_for(model, info["null_kind"]))
+        if name in negatives and not model.spec.has_null_branch:
+            raise SampleError(no_null_branch_message(model, f"--negative {name}"))
         if name in negatives:
             neg_model, neg_info = get(negatives[name])
             check_negative_compatible(model, neg_model, f"--negative {name}")
-            # the negative UNet's null-prompt branch was trained with its own null embedding
+            # the negative's null-prompt branch was trained with its own null embedding
             kind = neg_info["null_kind"]
             if kind != info["null_kind"]:
                 print(
@@ -313,10 +192,45 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"p{prompt_index:04d}_s{seed}.png"
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    tmp.replace(path)
+def default_guidance(model: DiffusionModel) -> float:
+    """The guidance scale when none is given: CFG :data:`CFG_SCALE` for families with a null
+    branch; the embedded guidance of guidance-distilled ones (``model.extra``: the one the
+    export was trained with, else the family's default)."""
+    if model.spec.has_null_branch:
+        return CFG_SCALE
+    return float(model.extra.get("guidance_scale", CFG_SCALE))
+
+
+def check_resolution(model: DiffusionModel, resolution: int) -> None:
+    """Transformers (SD3, FLUX) sample sides that are multiples of the VAE factor × 2 (2×2
+    latent patches); SampleError (one line) otherwise. UNets are not checked."""
+    if model.spec.denoiser != "transformer":
+        return
+    step = model.latent_scale * 2
+    if resolution < step or resolution % step:
+        raise SampleError(
+            f"--resolution {resolution}: {model.family}-class models need a multiple of {step}"
+        )
+
+
+def check_scheduler(e: Entry, name: str | None, resolution: int) -> str:
+    """The sampler ``e`` uses (``name`` or its family's default), checked against the family
+    (SampleError naming the family otherwise)."""
+    fam = e.model.spec
+    chosen = name or fam.default_sampler
+    side = resolution // e.model.latent_scale
+    try:
+        fam.sampling_scheduler(e.model, chosen, 1, "cpu", (e.model.in_channels, side, side))
+    except ValueError as err:
+        raise SampleError(
+            f"--scheduler {chosen}: model {e.name} is {e.model.family}-class: {err}"
+        ) from None
+    return chosen
+
+
+def _common(values: list):
+    """The value all of ``values`` share, else None."""
+    return values[0] if values and all(v == values[0] for v in values) else None
 
 
 def run_sampling(
@@ -325,21 +239,30 @@ def run_sampling(
     seeds: list[int],
     out_dir: str | Path,
     *,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     steps: int = 50,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     batch_size: int = 8,
     resolution: int | None = None,
     progress: bool = True,
     grids: bool = True,
 ) -> dict:
-    """Generate every (model, prompt, seed) image, the contact sheets and the manifest."""
+    """Generate every (model, prompt, seed) image, the contact sheets and the manifest.
+
+    None for ``guidance_scale``, ``scheduler`` or ``resolution``: each model's default
+    (:func:`default_guidance`, its family's sampler, :func:`default_resolution`)."""
     from tqdm.auto import tqdm
 
-    from .sampler import generate
+    from snpo.models import generate
 
     if batch_size < 1:
         raise SampleError("--batch-size must be ≥ 1")
+    plan = {}  # model name → (guidance, scheduler, resolution)
+    for e in entries:
+        res = resolution or default_resolution(e.model)
+        check_resolution(e.model, res)
+        g = default_guidance(e.model) if guidance_scale is None else float(guidance_scale)
+        plan[e.name] = (g, check_scheduler(e, scheduler, res), res)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items = [(pi, s) for pi in range(len(prompts)) for s in seeds]
@@ -347,6 +270,7 @@ def run_sampling(
     bar = tqdm(total=len(entries) * len(items), desc="sampling", unit="img", disable=not progress)
     for e in entries:
         folder = out / "images" / e.name
+        e_guidance, e_scheduler, e_res = plan[e.name]
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             cond = encode_prompts(e.model, [prompts[pi] for pi, _ in chunk])
@@ -355,11 +279,11 @@ def run_sampling(
                 cond,
                 e.null,
                 [s for _, s in chunk],
-                guidance_scale=guidance_scale,
+                guidance_scale=e_guidance,
                 steps=steps,
-                resolution=resolution,
+                resolution=e_res,
                 negative_unet=e.negative_unet,
-                scheduler=scheduler,
+                scheduler=e_scheduler,
             )
             for (pi, s), img in zip(chunk, imgs):
                 f = save_png(img, folder / image_name(pi, s))
@@ -371,9 +295,9 @@ def run_sampling(
                         "prompt": prompts[pi],
                         "prompt_index": pi,
                         "seed": s,
-                        "guidance_scale": guidance_scale,
+                        "guidance_scale": e_guidance,
                         "steps": steps,
-                        "scheduler": scheduler,
+                        "scheduler": e_scheduler,
                         "height": img.shape[-2],
                         "width": img.shape[-1],
                         "file": f.relative_to(out).as_posix(),
@@ -403,10 +327,10 @@ def run_sampling(
             )
     manifest = {
         "version": 1,
-        "settings": {
-            "guidance_scale": guidance_scale,
+        "settings": {  # a per-model default shared by every model is recorded as such
+            "guidance_scale": _common([p[0] for p in plan.values()]),
             "steps": steps,
-            "scheduler": scheduler,
+            "scheduler": _common([p[1] for p in plan.values()]),
             "resolution": resolution,
             "seeds": seeds,
             "batch_size": batch_size,
@@ -417,6 +341,10 @@ def run_sampling(
                 "kind": e.info["kind"],
                 "family": e.info["family"],
                 "null_kind": e.info["null_kind"],
+                "guidance_scale": plan[e.name][0],
+                "guidance": "cfg" if e.model.spec.has_null_branch else "embedded",
+                "scheduler": plan[e.name][1],
+                "resolution": plan[e.name][2],
                 "negative": None
                 if e.negative_info is None
                 else {
@@ -432,7 +360,7 @@ def run_sampling(
         "images": records,
         "grids": grid_files,
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
 
 
@@ -446,18 +374,19 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         action="append",
         metavar="[NAME=]PATH",
         help="a model to use (repeat for several; one column each). PATH: an snpo export, a "
-        "diffusers model folder or hub id, or a UNet folder (with --base-model)",
+        "diffusers model folder or hub id, or a UNet/transformer folder (with --base-model)",
     )
     ap.add_argument(
         "--negative",
         action="append",
         metavar="[NAME=]PATH",
-        help="Diffusion-NPO: the UNet of PATH is the unconditional branch of model NAME "
-        "(NAME may be left out when there is one --model)",
+        help="Diffusion-NPO: the denoiser of PATH is the unconditional branch of model NAME "
+        "(NAME may be left out when there is one --model; not for FLUX-class models)",
     )
     ap.add_argument(
         "--base-model",
-        help="base diffusers model for bare UNet folders, or to override an export's recorded base",
+        help="base diffusers model for bare UNet/transformer folders, or to override an "
+        "export's recorded base",
     )
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, …")
     ap.add_argument(
@@ -498,11 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable; adds to --prompts)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--seeds", default="0,1,2,3", help="seeds, e.g. 0,1,2,3 or 0-3 (default 0-3)")
-    ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="CFG scale (default 7.5); FLUX-class: the embedded guidance (default: the trained one)",
+    )
     ap.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    ap.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "euler"])
+    ap.add_argument(
+        "--scheduler",
+        default=None,
+        choices=list(SCHEDULERS),
+        help="default: the family's (ddim for SD1.5/SDXL, flow_euler for SD3/FLUX)",
+    )
     ap.add_argument("--batch-size", type=int, default=8, help="images per forward (default 8)")
-    ap.add_argument("--resolution", type=int, default=None, help="pixels (default: the UNet's)")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default: the denoiser's)")
     ap.add_argument("--no-grid", action="store_true", help="skip the contact sheets")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap

@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoints import inside
+from snpo.trainer.checkpoints import inside
 
 RUN_FILE = "run.json"
 LOCK_NAME = ".lock"
@@ -58,7 +58,7 @@ def write_run_file(out: Path, fingerprint: str, trajectory: dict) -> None:
 
 
 def _input_paths(cfg) -> list[tuple[str, Path]]:
-    from .config import expand_data_files
+    from snpo.config import expand_data_files
 
     paths: list[tuple[str, Path]] = []
     if cfg.model and os.path.exists(cfg.model):

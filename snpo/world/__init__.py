@@ -1,4 +1,4 @@
-"""The small synthetic preference world (issue 9): a CPU-sized text-to-image task with a known
+"""The small synthetic preference world: a CPU-sized text-to-image task with a known
 reward, for comparing the preference objectives end to end. Design: docs/world.md.
 
 - :mod:`.vocab`: words, prompts ("a red square on the left"), the train/held-out split, the
@@ -9,8 +9,12 @@ reward, for comparing the preference objectives end to end. Design: docs/world.m
 - :mod:`.pickapic`: Pick-a-Pic v2-schema parquet (writer, reader, PNG codec, SFT data).
 - :mod:`.pairs`: preference pairs from a model's own CFG samples, ranked by the reward.
 - :mod:`.evaluate`: the comparison's fixed evaluation protocol.
+- :mod:`.viz`: the reward-validation figure.
+- :mod:`.demo`, :mod:`.compare` (with :mod:`.jobs`), :mod:`.assets`: the demo, the comparison of
+  every objective, and the shipped base and pairs.
 
-Command line: ``python -m snpo.world {build-base,sft-data,pairs,evaluate,reward,figure} ...``.
+Command line: ``python -m snpo.world
+{build-base,sft-data,pairs,evaluate,reward,figure,compare,assets} ...``.
 (The functions ``render.render`` and ``reward.reward`` are not re-exported here, so that
 ``snpo.world.render`` and ``snpo.world.reward`` stay the modules.)
 """

@@ -79,9 +79,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from diffusers import UNet2DConditionModel
-
-    from snpo.models import load_model
+    from snpo.models import load_any, load_model
 
     from .evaluate import evaluate_model
     from .reward import COMPONENTS
@@ -90,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model, unet_path=args.unet)
     neg = None
     if args.negative_unet:
-        neg = UNet2DConditionModel.from_pretrained(args.negative_unet).eval()
+        neg = load_any(args.negative_unet, base_model=args.model)[0].unet
     prompts = ordered_prompts("all")[: args.prompts] if args.prompts else None
     t = time.perf_counter()
     res = evaluate_model(
@@ -228,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (diffusers layout)")
     p.add_argument("--unet", default=None, help="alternative unet folder (a trained export)")
     p.add_argument(
-        "--negative-unet", default=None, help="unet folder used as the null branch (Diffusion-NPO)"
+        "--negative-unet",
+        default=None,
+        help="UNet folder or export used as the null branch (Diffusion-NPO)",
     )
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.add_argument(
@@ -271,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="same as --budget quick")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("compare-flow", help="dpo/bdpo/snpo_naive/snpo on the flow base")
+    p.add_argument("--out", default="runs/compare-flow")
+    p.add_argument("--budget", default="default", choices=["default", "quick"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help="override the budget's steps")
+    p.add_argument("--beta", type=float, default=None, help="default: compare_flow.FLOW_BETA")
+    p.add_argument("--jobs", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--overwrite", action="store_true", help="discard results of other settings")
+    p.set_defaults(func=cmd_compare_flow)
+
     p = sub.add_parser("assets", help="rebuild the demo's base model and pairs (20-30 min)")
     p.add_argument("--dest", default=None, help="default: snpo/world/assets")
     p.add_argument("--work", default="runs/world", help="scratch folder (runs/world)")
@@ -296,6 +306,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         runs=args.runs,
     )
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results in {Path(args.out).resolve()} ({res['invocations'][-1]['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_compare_flow(args: argparse.Namespace) -> int:
+    from .compare_flow import FLOW_BETA, budget_for, compare_flow
+
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps must be at least 1, got {args.steps}")
+    beta = FLOW_BETA if args.beta is None else args.beta
+    res = compare_flow(args.out, seeds=args.seeds, budget=budget_for(args.budget, args.steps),
+                       beta=beta, jobs=args.jobs, overwrite=args.overwrite)  # fmt: skip
     print((Path(args.out) / "results.md").read_text())
     print(f"results in {Path(args.out).resolve()} ({res['invocations'][-1]['seconds']:.0f} s)")
     return 0

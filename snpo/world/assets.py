@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from .alignment import run_trainer
 
 DEFAULT_DEST = Path(__file__).parent / "assets"
 SFT_CONFIG = Path(__file__).parent.parent / "configs" / "world_sft.yaml"
@@ -34,22 +34,11 @@ def build_assets(dest: str | Path = DEFAULT_DEST, work: str | Path = "runs/world
     t0 = time.perf_counter()
     build_base_model_folder(work / "base", seed=0)
     write_sft_parquet(work / "sft.parquet", n=4096)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "snpo.train",
-        "--config",
-        str(SFT_CONFIG),
-        "--model",
-        str(work / "base"),
-        "--train_data",
-        str(work / "sft.parquet"),
-        "--output_dir",
-        str(work / "sft"),
-    ]
-    print(f"[assets] pretraining the base: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, env=env)
+    overrides = ["--model", str(work / "base"), "--train_data", str(work / "sft.parquet")]
+    overrides += ["--output_dir", str(work / "sft")]
+    print(f"[assets] pretraining the base: {SFT_CONFIG} {' '.join(overrides)}", flush=True)
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    run_trainer(SFT_CONFIG, threads=threads, overrides=overrides)
     staged = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staged, ignore_errors=True)
     shutil.copytree(work / "base", staged / "base")

@@ -2,7 +2,7 @@
 layout that :func:`snpo.models.load_model` reads (untrained weights; the trainer's ``sft``
 objective pretrains it on :func:`snpo.world.pickapic.write_sft_parquet`'s data).
 
-Components (``snpo.tiny`` builders):
+Components (the tiny-model builders of :mod:`snpo.models`):
 - ``unet``: UNet2DConditionModel on 3×16×16 pixels in [−1, 1] (no VAE), channels (32, 64),
   one cross-attention level, cross_attention_dim 32; about 0.8 M parameters.
 - ``tokenizer``: a CLIP BPE tokenizer whose vocabulary is the world's words, each word ONE
@@ -47,8 +47,8 @@ def world_info(resolution: int = RESOLUTION) -> dict:
 
 def build_world_tokenizer(words: list[str] | None = None, max_length: int = 16):
     """A CLIPTokenizer that spells every word of ``words`` (default: the world's) as ONE token
-    (``snpo.tiny.build_tokenizer``)."""
-    from snpo.tiny import build_tokenizer
+    (``snpo.models.build_tokenizer``)."""
+    from snpo.models import build_tokenizer
 
     return build_tokenizer(list(words or WORDS), max_length)
 
@@ -65,7 +65,7 @@ def build_text_encoder_for_world(tokenizer, seed: int = 0):
     distinct word embeddings would be. It is still a standard CLIPTextModel."""
     import torch
 
-    from snpo.tiny import build_text_encoder
+    from snpo.models import build_text_encoder
 
     te = build_text_encoder(tokenizer, hidden=TEXT_HIDDEN, seed=seed)
     with torch.no_grad():
@@ -78,8 +78,8 @@ def build_base_model_folder(path: str | Path, seed: int = 0, resolution: int = R
 
     Weights are a pure function of ``seed`` (torch.manual_seed before each module is built).
     The folder loads with ``snpo.models.load_model(str(path))`` and samples with
-    ``snpo.sampler.generate``."""
-    from snpo.tiny import build_scheduler, build_unet
+    ``snpo.models.generate``."""
+    from snpo.models import build_scheduler, build_unet
 
     path = Path(path)
     if (path / "unet").exists():

@@ -13,7 +13,7 @@ held-out prompts, each reward component), implicit accuracy of both branches on 
 every step from metrics.jsonl). Writes results.json, results.md (mean ± std over seeds),
 curves.png and grid.png (seed 0's samples at the largest guidance scale).
 
-How it runs: one reference-error cache per seed (``snpo cache``; the reference errors depend on
+How it runs: one reference-error cache per seed (``snpo.cache.build_cache``; the reference errors depend on
 the seed's draws only, not on the objective, so all seven runs of a seed share it), then the
 trainings and evaluations as jobs on ``--jobs`` processes of one thread each (on 2 cores two
 single-threaded processes do ~1.4x the work of one two-threaded process). Every job's result is
@@ -26,11 +26,13 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from snpo.atomic import atomic_write_text
+
+from .alignment import ALIGN, run_trainer, write_config
 from .jobs import Job, run_jobs
 
 RUNS: dict[str, dict] = {
@@ -80,11 +82,7 @@ def _log(msg: str) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Atomic JSON write (a crash leaves the old file or none, never half of one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- jobs (workers)
@@ -102,15 +100,19 @@ def init_worker(threads: int) -> None:
     tlog.disable_progress_bar()
 
 
-def job_cache(config: str, cache: str, log: str, threads: int) -> dict:
-    """``snpo cache`` of the reference errors (and inputs) one seed's runs need; resumable."""
-    from snpo.demo import run_logged
+def job_cache(config: str, cache: str, log: str) -> dict:
+    """The reference errors (and inputs) one seed's runs need (:func:`snpo.cache.build_cache`,
+    its output in ``log``); resumable."""
+    import contextlib
+
+    from snpo.cache import build_cache
+    from snpo.config import load_config
 
     done = Path(cache) / "done.json"
     if done.is_file():
         return {"cache": cache, "skipped": True}
-    cmd = [sys.executable, "-m", "snpo.cli", "cache", "--config", config, "--out", cache]
-    run_logged([*cmd, "--epochs", "auto", "--quiet"], Path(log), "snpo cache", threads)
+    with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        build_cache(load_config(config), cache, verbose=False)
     _write_json(done, {"config": config})
     return {"cache": cache, "skipped": False}
 
@@ -122,7 +124,6 @@ def job_train(config: str, run: str, log: str, threads: int) -> dict:
         return {"run": run, "skipped": True}
     if run_dir.exists():  # an interrupted run: start it again from scratch
         shutil.rmtree(run_dir)
-    from snpo.demo import run_trainer
 
     t = time.perf_counter()
     run_trainer(Path(config), Path(log), threads)
@@ -132,21 +133,13 @@ def job_train(config: str, run: str, log: str, threads: int) -> dict:
 
 def job_merge(base: str, positive: str, negative: str, out: str) -> dict:
     """Diffusion-NPO's merge (α = β = 1, positive = the dpo run of the same seed)."""
-    from snpo.export import META_FILE
-    from snpo.merge import main as merge_main
+    from snpo.models import META_FILE
+    from snpo.tools.merge import merge
 
     if (Path(out) / META_FILE).is_file():
         return {"merged": out, "skipped": True}
-    argv = ["--reference", base, "--positive", positive, "--negative", negative]
-    merge_main([*argv, "--out", out])
+    merge(reference=base, positive=positive, negative=negative, out=out)
     return {"merged": out, "skipped": False}
-
-
-def _load(base: str, export: str | None):
-    from snpo.export import load_export
-    from snpo.models import load_model
-
-    return load_model(base) if export is None else load_export(export)[0]
 
 
 def samples_path(rewards_json: Path) -> str:
@@ -163,14 +156,16 @@ def job_rewards(
     summary JSON and the images (safetensors, one (N, 3, 16, 16) tensor per scale)."""
     from safetensors.torch import save_file
 
-    from snpo.demo import eval_prompts, world_rewards
+    from snpo.world.demo import eval_prompts, world_rewards
 
     out_path = Path(out)
     if out_path.is_file():
         return {"rewards": out, "skipped": True}
+    from snpo.models import load_any
+
     b = Budget(**{**budget, "scales": tuple(budget["scales"])})
-    model = _load(base, export)
-    neg = None if negative is None else _load(base, negative).unet
+    model, _ = load_any(export or base)
+    neg = None if negative is None else load_any(negative)[0].unet
     prompts = eval_prompts(b.eval_train, b.eval_heldout)
     res = world_rewards(model, prompts, b.eval_seeds, b.scales, b.sample_steps, negative_unet=neg)
     images = res.pop("images")
@@ -184,7 +179,7 @@ def job_preference(
     base: str, models: dict[str, str], pairs: str, out: str, max_pairs: int | None, timesteps: int
 ) -> dict:
     """``snpo eval`` implicit accuracy of every model of one seed on the held-out pairs."""
-    from snpo.demo import preference_eval
+    from snpo.world.demo import preference_eval
 
     done = Path(out) / "preference.json"
     if done.is_file():
@@ -197,7 +192,6 @@ def job_preference(
 
 
 def _settings(seeds: list[int], budget: Budget, names: list[str]) -> dict:
-    from snpo.demo import ALIGN
 
     runs = {n: RUNS[n] for n in names}
     return {"seeds": list(seeds), "budget": asdict(budget), "runs": runs, "align": ALIGN}
@@ -250,7 +244,7 @@ def plan(
     out: Path, seeds: list[int], budget: Budget, threads: int, names: list[str] | None = None
 ) -> list[Job]:
     """Every job of the comparison, in the order they should start when ready."""
-    from snpo.demo import ASSETS, write_config
+    from snpo.world.demo import ASSETS
 
     base = str(ASSETS / "base")
     data = str(ASSETS / "pairs_train.parquet")
@@ -272,7 +266,7 @@ def plan(
                 f"cache s{seed}",
                 job_cache,
                 dict(config=str(cache_cfg), cache=str(cache),
-                     log=str(runs / f"cache-s{seed}.log"), threads=threads),
+                     log=str(runs / f"cache-s{seed}.log")),
             )
         )  # fmt: skip
         exports = {}
@@ -599,8 +593,8 @@ def write_grid(
     of ``seed`` side by side (same prompts, same noise)."""
     from safetensors.torch import load_file
 
-    from snpo.demo import eval_prompts
-    from snpo.images import contact_sheet
+    from snpo.data import contact_sheet
+    from snpo.world.demo import eval_prompts
 
     key = f"{max(budget.scales):g}"
     names = ["base", *report_rows(names)]

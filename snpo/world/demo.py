@@ -18,37 +18,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .alignment import run_trainer, write_config
+
 # SNPO_WORLD_ASSETS points elsewhere (tests, or assets rebuilt into another folder)
-ASSETS = Path(os.environ.get("SNPO_WORLD_ASSETS", Path(__file__).parent / "world" / "assets"))
-# The alignment settings of docs/world.md ("Alignment protocol"), fixed before any comparison.
-ALIGN = {
-    "objective": "snpo",
-    "beta": 2000,
-    "lam": 0.9,
-    "uncond_prob": 0.2,
-    "weighting": "constant",
-    "resolution": 16,
-    "random_crop": False,
-    "random_flip": False,
-    "lora_rank": 0,
-    "train_batch_size_per_gpu": 16,
-    "gradient_accumulation_steps": 1,
-    "learning_rate": 1.0e-4,
-    "scale_lr": False,
-    "lr_schedule": "constant",
-    "lr_warmup_steps": 20,
-    "zero_stage": 0,
-    "precision": "fp32",
-    "dataloader_num_workers": 0,
-    "checkpoint_every": 0,
-    "log_every": 25,
-    "report_to": "tensorboard",
-}
+ASSETS = Path(os.environ.get("SNPO_WORLD_ASSETS", Path(__file__).parent / "assets"))
 
 
 def _log(msg: str) -> None:
@@ -64,53 +41,6 @@ def assets_ready(assets: Path = ASSETS) -> str | None:
         if not (assets / rel).is_file():
             return f"{assets / rel} is missing"
     return None
-
-
-def write_config(
-    path: Path,
-    *,
-    model: str,
-    data: str,
-    out: Path,
-    steps: int,
-    seed: int,
-    overrides: dict | None = None,
-) -> Path:
-    import yaml
-
-    cfg = {
-        **ALIGN,
-        "model": model,
-        "train_data": [data],
-        "output_dir": str(out),
-        "max_steps": steps,
-        "seed": seed,
-        **(overrides or {}),
-    }
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def run_logged(cmd: list[str], log: Path, what: str, threads: int | None = None) -> None:
-    """Run ``cmd`` (a module of ours in its own process) with its output in ``log``; raise
-    with the log's tail when it fails. ``threads``: its OMP_NUM_THREADS (default: every core,
-    or SNPO_DEMO_THREADS)."""
-    if threads is None:
-        threads = int(os.environ.get("SNPO_DEMO_THREADS", str(os.cpu_count() or 1)))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        tail = log.read_text()[-2000:]
-        raise SystemExit(f"{what} failed (exit {proc.returncode}); log {log}, last output:\n{tail}")
-
-
-def run_trainer(config: Path, log: Path, threads: int | None = None) -> None:
-    """The real trainer in its own process (``python -m snpo.train``), output to ``log``."""
-    # one process: it may use every core (the ≤ 5-minute budget is for a 2-core machine)
-    run_logged(
-        [sys.executable, "-m", "snpo.train", "--config", str(config)], log, "training", threads
-    )
 
 
 def world_rewards(
@@ -138,29 +68,29 @@ def eval_prompts(n_train: int, n_heldout: int):
 
 
 def preference_eval(
-    base: str, models: dict[str, str], pairs: str, out: Path, max_pairs: int | None, timesteps: int
-) -> dict:
-    from snpo.evaluate import main as eval_main
+    base: str,
+    models: dict[str, str],
+    pairs: str,
+    out: Path,
+    max_pairs: int | None,
+    timesteps: int,
+) -> dict[str, dict]:
+    """Implicit accuracy of ``models`` against ``base`` on ``pairs``
+    (:func:`snpo.tools.evaluate.evaluate_preference`; also writes ``out/preference.{json,md}``):
+    name → its preference metrics."""
+    from snpo.tools.evaluate import evaluate_preference
 
-    argv = [
-        "--pairs",
-        pairs,
-        "--reference",
+    report = evaluate_preference(
         base,
-        "--out",
-        str(out),
-        "--timesteps",
-        str(timesteps),
-        "--batch-size",
-        "16",
-        "--no-progress",
-    ]
-    for name, path in models.items():
-        argv += ["--model", f"{name}={path}"]
-    if max_pairs:
-        argv += ["--max-pairs", str(max_pairs)]
-    eval_main(argv)
-    return json.loads((out / "preference.json").read_text())["models"]
+        models,
+        [pairs],
+        out,
+        timesteps=timesteps,
+        max_pairs=max_pairs or None,
+        batch_size=16,
+        progress=False,
+    )
+    return report["models"]
 
 
 def summary_table(rewards: dict[str, dict], pref: dict[str, dict], scales) -> str:
@@ -193,7 +123,7 @@ def _fmt_logp(p: dict) -> str:
 
 
 def write_grid(images: dict[str, dict], prompts, n_seeds: int, scale: float, path: Path) -> Path:
-    from snpo.images import contact_sheet
+    from snpo.data import contact_sheet
 
     key = f"{scale:g}"
     names = list(images)
@@ -268,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     export = out / "train" / "export"
     _log(f"trained in {time.perf_counter() - t0:.0f} s; export: {export}")
 
-    from snpo.export import load_export
-    from snpo.models import load_model
+    from snpo.models import load_export, load_model
 
     prompts = eval_prompts(n_train, n_held)
     _log(f"sampling {len(prompts)} prompts x {n_seeds} seeds at CFG {scales} before and after ...")

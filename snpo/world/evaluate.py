@@ -64,8 +64,7 @@ def evaluate_model(
 
     ``negative_unet``: Diffusion-NPO's merged negative model as the null branch (None: the
     model's own null branch — standard CFG and Diff-SNPO)."""
-    from snpo.models import encode_prompts, null_embedding
-    from snpo.sampler import generate
+    from snpo.models import encode_prompts, generate, null_embedding
 
     prompts = all_prompts() if prompts is None else prompts
     seeds = eval_seeds(n_seeds)

@@ -96,8 +96,7 @@ def sample_candidates(
 ) -> list[Candidate]:
     """K = ``candidates`` CFG samples per prompt from ``model`` (a ``snpo.models.DiffusionModel``),
     scored with the reward; ordered by prompt, then j."""
-    from snpo.models import encode_prompts, null_embedding
-    from snpo.sampler import generate
+    from snpo.models import encode_prompts, generate, null_embedding
 
     if candidates < 1 or not guidance_scales:
         raise ValueError("need at least one candidate and one guidance scale")

@@ -35,32 +35,10 @@ from pathlib import Path
 
 import torch
 
-from snpo.data import PICKAPIC_COLUMNS
+from snpo.data import PICKAPIC_COLUMNS, pickapic_schema
 
-# the published column order, defined once beside the trainer's reader
-COLUMNS: tuple[str, ...] = PICKAPIC_COLUMNS
 EPOCH = datetime(2024, 1, 1)
 UID_NAMESPACE = uuid.UUID("6f1c2a3e-0b7d-4c55-9a51-5e2f3b7d9c01")
-
-
-def schema():
-    """The pyarrow schema of Pick-a-Pic v2 (module docstring)."""
-    import pyarrow as pa
-
-    types = {
-        "are_different": pa.bool_(),
-        "created_at": pa.timestamp("ns"),
-        "has_label": pa.bool_(),
-        "jpg_0": pa.binary(),
-        "jpg_1": pa.binary(),
-        "label_0": pa.float64(),
-        "label_1": pa.float64(),
-        "ranking_id": pa.int64(),
-        "user_id": pa.int64(),
-        "num_example_per_prompt": pa.int64(),
-        "__index_level_0__": pa.int64(),
-    }
-    return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
 
 
 def image_uid(*key: object) -> str:
@@ -74,24 +52,22 @@ def image_url(uid: str) -> str:
 
 def encode_png(image: torch.Tensor) -> bytes:
     """PNG bytes (8-bit RGB) of one image (3, H, W) in [0, 1]: pixel = round(255·x)."""
-    from PIL import Image
+    from snpo.data import to_pil
 
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected one (3, H, W) image, got {tuple(image.shape)}")
-    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
     buf = io.BytesIO()
-    Image.fromarray(arr.contiguous().numpy(), mode="RGB").save(buf, format="PNG")
+    to_pil(image).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """(3, H, W) float in [0, 1] from PNG/JPEG bytes (any PIL mode is converted to RGB)."""
-    import numpy as np
-    from PIL import Image
+    """(3, H, W) float in [0, 1] from PNG/JPEG bytes (:func:`snpo.data.decode_image`: any mode
+    is converted to RGB)."""
+    from snpo.data import decode_image as decode_rgb
+    from snpo.data import from_pil
 
-    with Image.open(io.BytesIO(data)) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+    return from_pil(decode_rgb(data))
 
 
 @dataclass
@@ -151,7 +127,7 @@ def rows_to_table(rows: list[Row]):
         "num_example_per_prompt": [counts[r.caption] for r in rows],
         "__index_level_0__": list(range(len(rows))),
     }
-    return pa.Table.from_pydict(cols, schema=schema())
+    return pa.Table.from_pydict(cols, schema=pickapic_schema())
 
 
 def write_parquet(rows: list[Row], path: str | Path) -> Path:
@@ -167,10 +143,10 @@ def write_parquet(rows: list[Row], path: str | Path) -> Path:
 def check_schema(table) -> None:
     """Raise ValueError unless ``table`` has exactly the 19 columns, in order, of the
     published types."""
-    expected = schema()
+    expected = pickapic_schema()
     names = list(table.schema.names)
-    if names != list(COLUMNS):
-        raise ValueError(f"columns {names} differ from Pick-a-Pic v2's {list(COLUMNS)}")
+    if names != list(PICKAPIC_COLUMNS):
+        raise ValueError(f"columns {names} differ from Pick-a-Pic v2's {list(PICKAPIC_COLUMNS)}")
     for field in expected:
         got = table.schema.field(field.name).type
         if got != field.type:

@@ -1,4 +1,4 @@
-"""Pictures of the world: image grids (PIL) and the reward-validation figure (matplotlib)."""
+"""The reward-validation figure (matplotlib): images of the world titled with their reward."""
 
 from __future__ import annotations
 
@@ -8,36 +8,6 @@ import torch
 
 from .reward import reward_components
 from .vocab import Prompt
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] → (B, H, W, 3) uint8, round(255·x)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 8) -> Path:
-    """Tile images (B, 3, H, W) in [0, 1] into a PNG, each pixel drawn as a scale×scale block."""
-    from PIL import Image
-
-    if images.shape[0] == 0:
-        raise ValueError("no images to tile")
-    b, _, h, w = images.shape
-    ncol = min(nrow, b)
-    nr = (b + ncol - 1) // ncol
-    pad = 1
-    canvas = torch.full((nr * (h + pad) + pad, ncol * (w + pad) + pad, 3), 128, dtype=torch.uint8)
-    arr = to_uint8(images)
-    for i in range(b):
-        r, c = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[y : y + h, x : x + w] = arr[i]
-    img = Image.fromarray(canvas.numpy()).resize(
-        (canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
 
 
 def save_scored_figure(

@@ -1,4 +1,4 @@
-"""Cache test fixtures: tiny offline models (snpo.tiny), the trainer's synthetic Pick-a-Pic
+"""Cache test fixtures: tiny offline models (snpo.models.tiny), the trainer's synthetic Pick-a-Pic
 parquet (tests/trainer/conftest.py: 15 kept pairs after the tie; pair 2 has a truncated-JPEG
 loser), configs, and caches built once per session with fixed build options."""
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from snpo.cache import build_cache
+from snpo.cli import main as snpo_main
 from snpo.config import load_config
 from snpo.data import write_pickapic_parquet
-from snpo.tiny import save_tiny_model
+from snpo.models import save_tiny_model
 from tests.trainer.conftest import WORDS, pickapic_rows, write_config
 
 BAD_PAIR = 2  # row 3 of the fixture file: its loser is a truncated JPEG
@@ -44,6 +45,11 @@ def pickapic(tmp_path_factory) -> Path:
     return write_pickapic_parquet(
         tmp_path_factory.mktemp("pap") / "train-0.parquet", pickapic_rows()
     )
+
+
+def cache_main(argv: list[str]) -> int:
+    """The exit code of ``snpo cache ARGV`` (through the ``snpo`` command)."""
+    return snpo_main(["cache", *argv])
 
 
 def make_cfg(folder: Path, model: Path, data: Path, **values):

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from snpo.cache import build_cache, data_identity, open_cache
-from snpo.cache_store import CacheMismatchError
+from snpo.cache import CacheMismatchError, build_cache, data_identity, open_cache
 from snpo.data import write_pickapic_parquet
 from tests.trainer.conftest import pickapic_rows
 

@@ -9,8 +9,14 @@ import copy
 import pytest
 import torch
 
-from snpo.cache import build_cache, epochs_needed, open_cache, reference_errors
-from snpo.cache_store import CacheError, CacheMismatchError
+from snpo.cache import (
+    CacheError,
+    CacheMismatchError,
+    build_cache,
+    epochs_needed,
+    open_cache,
+    reference_errors,
+)
 from snpo.config import PRESETS
 from snpo.data import PairDataset, PairOrder, collate_pairs, open_source
 from snpo.draws import pair_draws

@@ -7,10 +7,9 @@ import shutil
 
 import pytest
 
-from snpo.cache import open_cache
-from snpo.cache_store import CacheError, CacheMismatchError
+from snpo.cache import CacheError, CacheMismatchError, open_cache
 from snpo.data import write_pickapic_parquet
-from snpo.tiny import build_unet
+from snpo.models import build_unet
 from tests.trainer.conftest import pickapic_rows
 
 from .conftest import with_

@@ -1,5 +1,5 @@
-"""Folder locks (snpo.locks) and their use by ``snpo cache``: a second writer of a cache folder
-is refused naming the holder's pid; the lock goes with its holder (also when it is killed);
+"""Folder locks (snpo.cache.locks) and their use by ``snpo cache``: a second writer of a cache
+folder is refused naming the holder's pid; the lock goes with its holder (also when it is killed);
 independent ranks of one build share the folder; readers take no lock."""
 
 from __future__ import annotations
@@ -13,11 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from snpo.cache import build_cache, main, open_cache
-from snpo.cache_store import merge_parts, verify_cache
-from snpo.locks import FolderLocked, exclusive_lock, shared_lock
+from snpo.cache import (
+    FolderLocked,
+    build_cache,
+    exclusive_lock,
+    merge_parts,
+    open_cache,
+    shared_lock,
+    verify_cache,
+)
 
 from .conftest import BUILD
+from .conftest import cache_main as main
 
 REPO = Path(__file__).resolve().parents[2]
 FP32 = dict(BUILD, latent_dtype="fp32")
@@ -25,7 +32,7 @@ FP32 = dict(BUILD, latent_dtype="fp32")
 HOLDER = """
 import contextlib, sys
 from pathlib import Path
-from snpo.locks import exclusive_lock, shared_lock
+from snpo.cache import exclusive_lock, shared_lock
 folder = Path(sys.argv[1])
 with contextlib.ExitStack() as stack:
     for spec in sys.argv[2:]:  # "exclusive" | "shared", optionally ":" and a lock file name

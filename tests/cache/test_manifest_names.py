@@ -9,8 +9,15 @@ import shutil
 
 import pytest
 
-from snpo.cache import main, open_cache
-from snpo.cache_store import CacheCorruptError, load_manifest, merged_view, shard_name_problem
+from snpo.cache import (
+    CacheCorruptError,
+    load_manifest,
+    merged_view,
+    open_cache,
+    shard_name_problem,
+)
+
+from .conftest import cache_main as main
 
 PRECIOUS = b"precious bytes, not a shard"
 

@@ -13,12 +13,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from snpo.cache import open_cache
-from snpo.cache_store import (
+from snpo.cache import (
     CacheCorruptError,
     CacheError,
     crc32,
     load_manifest,
+    open_cache,
     row_crcs,
     section_digest,
     sha256_bytes,

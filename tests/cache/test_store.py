@@ -10,18 +10,21 @@ import struct
 import pytest
 import torch
 
-from snpo.cache import BuildInterrupted, build_cache, main, open_cache
-from snpo.cache_store import (
+from snpo.cache import (
+    BuildInterrupted,
     CacheCorruptError,
     CacheError,
+    build_cache,
     diff_fields,
     journal_paths,
     load_manifest,
     merge_parts,
+    open_cache,
     verify_cache,
 )
 
 from .conftest import BUILD, assert_same_cache
+from .conftest import cache_main as main
 
 FP32 = dict(BUILD, latent_dtype="fp32")
 
@@ -164,7 +167,7 @@ def test_manifest_helpers():
 
 
 def test_shard_bytes_are_deterministic(tmp_path):
-    from snpo.cache_store import shard_bytes, write_shard
+    from snpo.cache import shard_bytes, write_shard
 
     t = {"b": torch.arange(6, dtype=torch.float16).reshape(2, 3), "a": torch.ones(2)}
     assert shard_bytes(t, {"z": 1, "a": [2]}) == shard_bytes(

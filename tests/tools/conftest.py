@@ -12,7 +12,7 @@ WORDS = ["a", "photo", "of", "red", "blue", "green", "cube", "ball", "cat", "dog
 @pytest.fixture(scope="session")
 def sd_model(tmp_path_factory):
     """A tiny SD1.5-class model with a VAE, 16 px."""
-    from snpo.tiny import save_tiny_model
+    from snpo.models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("sd") / "m", words=WORDS, resolution=16)
 
@@ -20,7 +20,7 @@ def sd_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pix_model(tmp_path_factory):
     """A tiny pixel-space SD1.5-class model (no VAE), 8 px: the cheapest to run."""
-    from snpo.tiny import save_tiny_model
+    from snpo.models import save_tiny_model
 
     return save_tiny_model(
         tmp_path_factory.mktemp("pix") / "m", words=WORDS, resolution=8, with_vae=False
@@ -30,7 +30,7 @@ def pix_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pix_model_other(tmp_path_factory):
     """Same architecture as pix_model, other random weights."""
-    from snpo.tiny import save_tiny_model
+    from snpo.models import save_tiny_model
 
     return save_tiny_model(
         tmp_path_factory.mktemp("pix2") / "m", words=WORDS, resolution=8, with_vae=False, seed=7
@@ -43,7 +43,7 @@ def tiny_clip(tmp_path_factory):
     config) saved in one folder, as PickScore / the aesthetic predictor's CLIP would be."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from snpo.tiny import build_tokenizer
+    from snpo.models import build_tokenizer
 
     path = tmp_path_factory.mktemp("clip") / "clip"
     tok = build_tokenizer(WORDS, max_length=16)

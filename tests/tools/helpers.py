@@ -7,8 +7,7 @@ import torch
 
 def perturbed_full_export(base, out, seed: int, scale: float = 0.05, meta: dict | None = None):
     """A full export of ``base`` with every UNet weight nudged by seeded noise."""
-    from snpo.export import write_export
-    from snpo.models import load_model
+    from snpo.models import load_model, write_export
 
     m = load_model(str(base))
     g = torch.Generator().manual_seed(seed)
@@ -22,8 +21,7 @@ def lora_export(base, out, *, seed: int, r: int, alpha: float, targets: list[str
     """A LoRA export of ``base`` with random (seeded) factors."""
     from peft import LoraConfig
 
-    from snpo.export import write_export
-    from snpo.models import load_model
+    from snpo.models import load_model, write_export
 
     m = load_model(str(base))
     m.unet.add_adapter(

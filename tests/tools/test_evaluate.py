@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from snpo import cli
-from snpo.evaluate import (
+from snpo.models import encode_prompts, load_model
+from snpo.tools.preference import (
     EvalModel,
     bootstrap_ci,
     eval_draws,
@@ -19,7 +20,6 @@ from snpo.evaluate import (
     open_pairs,
     preference_metrics,
 )
-from snpo.models import encode_prompts, load_model
 
 
 def test_draws_are_per_pair_and_stratified():
@@ -186,7 +186,7 @@ def test_eval_cli_writes_json_and_markdown(
 @pytest.mark.parametrize("family,with_vae", [("sd", True), ("sdxl", False)])
 def test_eval_cli_vae_and_sdxl_models(family, with_vae, pairs_parquet, tmp_path, capsys):
     """VAE posterior sampling (SD1.5-class) and SDXL micro-conditioning go through eval."""
-    from snpo.tiny import save_tiny_model
+    from snpo.models import save_tiny_model
 
     from .conftest import WORDS
     from .helpers import perturbed_full_export
@@ -205,3 +205,51 @@ def test_eval_cli_vae_and_sdxl_models(family, with_vae, pairs_parquet, tmp_path,
     assert rep["tuned"]["winner_logp_proxy"]["value"] != 0
     null_kind = json.loads((out / "preference.json").read_text())["settings"]["null_kinds"]
     assert null_kind["same"] == ("zeros" if family == "sdxl" else "empty_prompt")
+
+
+def _outside_pairs(tmp_path):
+    """Own pairs whose images lie outside the pairs file's folder ("../img/…")."""
+    from snpo.data import image_bytes
+
+    img = tmp_path / "img"
+    img.mkdir()
+    (img / "w.png").write_bytes(image_bytes((220, 30, 30), (12, 10)))
+    (img / "l.png").write_bytes(image_bytes((40, 60, 230), (12, 10)))
+    (img / "broken.png").write_bytes(image_bytes((40, 60, 230), (12, 10))[:40])
+    pairs = tmp_path / "set" / "p.jsonl"
+    pairs.parent.mkdir()
+    rows = [("../img/w.png", "../img/l.png"), ("../img/w.png", "../img/broken.png")]
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": "a photo of a red cube", "winner": w, "loser": lo}) + "\n"
+            for w, lo in rows
+        )
+    )
+    return pairs
+
+
+def test_eval_data_errors_exit_2_and_allow_outside_paths(pix_model, tmp_path, capsys):
+    pairs = _outside_pairs(tmp_path)
+    argv = ["eval", "--pairs", str(pairs), "--reference", str(pix_model)]
+    argv += ["--model", f"base={pix_model}", "--timesteps", "1", "--no-progress"]
+    rc = cli.main([*argv, "--out", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "allow_outside_paths" in err and "Traceback" not in err
+    assert err.startswith("snpo eval: error:") and len(err.strip().splitlines()) == 1
+    out = tmp_path / "allowed"
+    rc = cli.main([*argv, "--out", str(out), "--allow-outside-paths"])
+    assert rc == 0, capsys.readouterr().err
+    settings = json.loads((out / "preference.json").read_text())["settings"]
+    # the undecodable loser makes its pair bad (counted and skipped), as in training
+    assert settings["pairs"] == 1 and settings["bad_pairs"] == 1
+    assert "broken.png" in settings["bad_examples"][0]
+
+
+def test_load_pair_pixels_uses_the_trainers_bad_image_rule(tmp_path):
+    from snpo.data import OwnPairs
+
+    src = OwnPairs(str(_outside_pairs(tmp_path)), allow_outside_paths=True)
+    keep, pix, prompts, sizes, crops, bad = load_pair_pixels(src, [0, 1], 8)
+    assert keep == [0] and pix.shape == (1, 2, 3, 8, 8) and prompts == ["a photo of a red cube"]
+    assert sizes.tolist() == [[[10, 12], [10, 12]]] and crops.shape == (1, 2, 2)
+    assert [i for i, _ in bad] == [1] and "loser image" in bad[0][1]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from snpo import cli
-from snpo.export import load_export, read_export_meta
-from snpo.merge import (
+from snpo.models import load_export, read_export_meta
+from snpo.tools.merge import (
     LoraFactors,
     MergeError,
     lora_delta,
@@ -186,7 +186,7 @@ def test_full_positive_with_lora_negative(pix_model, loras, tmp_path):
 
 
 def test_refusals_keep_existing_output(pix_model, pix_model_other, loras, tmp_path, capsys):
-    from snpo.tiny import save_tiny_model
+    from snpo.models import save_tiny_model
 
     from .conftest import WORDS
 
@@ -234,11 +234,10 @@ def test_refusals_keep_existing_output(pix_model, pix_model_other, loras, tmp_pa
 
 def test_lora_export_keeps_alpha_and_conv_layers(pix_model, tmp_path):
     """The exports merge reads: lora_alpha ≠ r and a conv layer (proj_in) survive the round
-    trip through snpo.export (diffusers' loader)."""
+    trip through snpo.models.export (diffusers' loader)."""
     from peft import LoraConfig
 
-    from snpo.export import write_export
-    from snpo.models import encode_prompts, load_model, unet_conditioning
+    from snpo.models import encode_prompts, load_model, unet_conditioning, write_export
 
     m = load_model(str(pix_model))
     m.unet.add_adapter(LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "proj_in"]))

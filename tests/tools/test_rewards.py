@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from snpo import cli
-from snpo.rewards import (
+from snpo.tools.rewards import (
     HPSv2,
     ImageRewardScorer,
     PickScore,
@@ -262,7 +262,7 @@ def test_hpsv2_refuses_a_pickle_payload_unless_trusted(stub_open_clip, tmp_path,
 def test_hpsv2_upstream_layout_and_safetensors_load_safely(stub_open_clip, tmp_path):
     from safetensors.torch import save_file
 
-    from snpo.evaluate import build_parser
+    from snpo.tools.evaluate import build_parser
 
     ref = stub_open_clip
     # open_clip's training checkpoint as HPS v2/v2.1 publish it (optimizer dropped)

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from snpo import cli
-from snpo.images import contact_sheet, from_pil, to_pil
-from snpo.sample import (
+from snpo.data import contact_sheet, from_pil, to_pil
+from snpo.models.trained import load_any
+from snpo.tools.sample import (
     SampleError,
     build_entries,
-    load_any,
     parse_named,
     parse_seeds,
     read_prompts,
@@ -98,9 +98,7 @@ def test_cfg_uses_the_exports_null_kind(pix_model, tmp_path):
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_npo_negative_model(family, tmp_path):
     """A negative model equal to the model reproduces plain CFG; a different one changes it."""
-    from snpo.models import encode_prompts
-    from snpo.sampler import generate
-    from snpo.tiny import save_tiny_model
+    from snpo.models import encode_prompts, generate, save_tiny_model
 
     from .conftest import WORDS
 

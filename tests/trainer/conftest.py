@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from snpo.data import image_bytes, write_pickapic_parquet
-from snpo.tiny import save_tiny_model
+from snpo.models import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 

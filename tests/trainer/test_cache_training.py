@@ -11,12 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from snpo.cache import build_cache
-from snpo.cache_store import CacheError
+from snpo.cache import CacheError, build_cache
 from snpo.config import load_config
 from snpo.data import PairBatch
-from snpo.engine import Trainer
 from snpo.models import ModelLoadError, encode_images, encode_prompts
+from snpo.trainer import Trainer
 
 from .conftest import launch_deepspeed, read_metrics, train_here, write_config
 
@@ -79,7 +78,7 @@ def _weights(export) -> dict[str, torch.Tensor]:
 def _empty_batch_loss(t: Trainer) -> torch.Tensor:
     """The all-bad micro-batch placeholder (no pixels, no VAE) gives a zero loss."""
     empty = PairBatch(torch.zeros(0, dtype=torch.long), 0, torch.zeros(0), [], None, None, [])
-    loss, metrics = t._micro_step(empty, 1)
+    loss, metrics = t.micro_step(empty, 1)
     assert float(metrics["pairs"]) == 0.0
     return loss.detach()
 
@@ -189,6 +188,30 @@ def test_auto_falls_back_to_live_and_says_why(tmp_path, cache_run, capsys):
     assert t.sources == {"latents": "live", "text": "live", "ref": "cache"}
     assert t.step_models.reference is None and t.models.model.vae is not None
     assert "reference errors from the cache" in capsys.readouterr().out
+
+
+def test_every_mix_of_cached_and_live_sections_trains_like_live(tmp_path, cache_run):
+    """Each section comes from the cache or is live independently: cached latents with the text
+    encoded live (prompts from the captions, no image decoded), cached text with the VAE live."""
+    values, cache = cache_run
+    one = {**values, "max_steps": 1, "objective": "snpo", "cache_dir": cache}
+    live = _trainer(tmp_path, "mixlive", one, ref_mode="live")
+    live.run()
+    want = read_metrics(tmp_path / "mixlive")[0]
+    for use, vae_loaded, text_loaded in (
+        (["latents", "ref"], False, True),
+        (["text", "ref"], True, False),
+    ):
+        name = "mix-" + "-".join(use)
+        t = _trainer(tmp_path, name, one, ref_mode="cache", cache_use=use)
+        t.run()
+        assert t.sources == {n: "cache" if n in use else "live" for n in ("latents", "text", "ref")}
+        assert (t.models.model.vae is not None) == vae_loaded
+        assert bool(t.models.model.text_encoders) == text_loaded
+        got = read_metrics(tmp_path / name)[0]
+        assert got["pairs"] == want["pairs"] and got["bad_images"] == want["bad_images"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=LOSS_RTOL), use
+        assert got["mse_ref"] == pytest.approx(want["mse_ref"], rel=1e-5), use
 
 
 def test_sft_reads_latents_and_text_only(tmp_path, cache_run):

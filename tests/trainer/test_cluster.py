@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from snpo.checkpoints import complete_tags
-from snpo.preemption import ECHO_SECONDS, StopRequest, launcher_ancestors
+from snpo.trainer.checkpoints import complete_tags
+from snpo.trainer.preemption import ECHO_SECONDS, StopRequest, launcher_ancestors
 
 from .conftest import REPO, child_env, free_port, read_metrics, train_here, write_config
 
@@ -102,7 +102,7 @@ def test_launcher_ancestors_finds_a_launcher_by_its_command_line(tmp_path):
     fake = tmp_path / "torchrun"
     fake.write_text(
         f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.path.insert(0, sys.argv[1]); "
-        "from snpo.preemption import launcher_ancestors; print(launcher_ancestors())' "
+        "from snpo.trainer.preemption import launcher_ancestors; print(launcher_ancestors())' "
         f"{REPO}\n"
     )
     fake.chmod(0o755)

@@ -6,7 +6,7 @@ import torch
 
 from snpo.data import PairOrder
 from snpo.draws import augment_draws, draw_key, epoch_permutation, pair_draws
-from snpo.tiny import build_scheduler
+from snpo.models import build_scheduler
 
 SCHED = build_scheduler()
 SHAPE = (4, 8, 8)
@@ -55,3 +55,37 @@ def test_order_is_sharded_deterministic_and_resumable():
     fresh = PairOrder(n, seed=4, rank=0, world=2, micro=micro)
     assert fresh.batch(7) == orders[0].batch(7)  # a resumed run sees the same pairs
     assert not torch.equal(epoch_permutation(4, 0, n), epoch_permutation(4, 1, n))
+
+
+def _old_diffusion_draws(seed, epoch, index, shape, t_max, uncond_prob):
+    """The DIFFUSION stream as it was before the flow draw u was added."""
+    from snpo.draws import STREAM_DIFFUSION, generator
+
+    g = generator(seed, epoch, index, STREAM_DIFFUSION)
+    t = torch.randint(0, t_max, (1,), generator=g)
+    unc = torch.rand(1, generator=g, dtype=torch.float64) < uncond_prob
+    noise = torch.randn(shape, generator=g)
+    lat = torch.randn((2, *shape), generator=g)
+    return t, unc, noise, lat, g
+
+
+def test_flow_uniform_u_is_drawn_last_and_keeps_every_other_draw():
+    idx = [3, 0, 11]
+    d = pair_draws(5, 2, idx, SHAPE, SCHED, 0.3)
+    assert d.u.shape == (3,) and d.u.dtype == torch.float64
+    for row, i in enumerate(idx):
+        t, unc, noise, lat, g = _old_diffusion_draws(5, 2, i, SHAPE, 1000, 0.3)
+        assert torch.equal(d.timesteps[row : row + 1], t)
+        assert torch.equal(d.uncond[row : row + 1], unc)
+        assert torch.equal(d.noise[row], noise)
+        assert torch.equal(d.latent_noise[row], lat)
+        assert torch.equal(d.u[row : row + 1], torch.rand(1, generator=g, dtype=torch.float64))
+    many = pair_draws(0, 0, list(range(2000)), (1, 1, 1), SCHED, 0.1).u
+    assert (many > 0).all() and (many < 1).all()
+    assert abs(many.mean() - 0.5) < 0.03 and abs(many.std() - 12**-0.5) < 0.02
+    assert torch.equal(d.select([2, 0]).u, d.u[[2, 0]])
+    assert torch.equal(d.to("cpu").u, d.u)
+    two = d.repeat(2)
+    assert len(two) == 6 and torch.equal(two.u, torch.cat([d.u, d.u]))
+    assert torch.equal(two.timesteps, torch.cat([d.timesteps, d.timesteps]))
+    assert pair_draws(0, 0, [], SHAPE, SCHED, 0.1).u.shape == (0,)

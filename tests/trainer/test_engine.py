@@ -9,11 +9,12 @@ import copy
 import pytest
 import torch
 
-from snpo.checkpoints import CheckpointError, seal
 from snpo.config import load_config
 from snpo.data import PairDataset, PickapicParquet, collate_pairs
 from snpo.draws import pair_draws
-from snpo.engine import (
+from snpo.models import load_model, null_embedding
+from snpo.step import StepModels, encode_batch, preference_step, unet_fn
+from snpo.trainer import (
     Models,
     deepspeed_config,
     effective_lr,
@@ -22,8 +23,7 @@ from snpo.engine import (
     reference_fingerprint,
     resume_target,
 )
-from snpo.models import load_model, null_embedding
-from snpo.step import StepModels, encode_batch, preference_step, unet_fn
+from snpo.trainer.checkpoints import CheckpointError, seal
 
 from .conftest import write_config
 

@@ -7,9 +7,14 @@ import json
 import pytest
 import torch
 
-from snpo.export import ExportError, load_export, read_export_meta, write_export
-from snpo.models import load_model
-from snpo.tiny import save_tiny_model
+from snpo.models import (
+    ExportError,
+    load_export,
+    load_model,
+    read_export_meta,
+    save_tiny_model,
+    write_export,
+)
 
 
 @pytest.fixture(scope="module")

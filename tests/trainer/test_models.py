@@ -9,14 +9,14 @@ import torch
 from snpo.models import (
     ModelLoadError,
     encode_prompts,
+    generate,
     load_model,
     null_embedding,
+    save_tiny_model,
     time_ids,
     training_target,
     unet_conditioning,
 )
-from snpo.sampler import generate
-from snpo.tiny import save_tiny_model
 
 
 @pytest.fixture(scope="module")

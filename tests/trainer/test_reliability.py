@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from snpo.checkpoints import CHECKSUM_FILE, complete_tags
-from snpo.engine import guard_decision, keep_metrics_until
-from snpo.tiny import save_tiny_model
+from snpo.models import save_tiny_model
 from snpo.train import classify
+from snpo.trainer import guard_decision, keep_metrics_until
+from snpo.trainer.checkpoints import CHECKSUM_FILE, complete_tags
 
 from .conftest import REPO, WORDS, child_env, read_metrics, train_here, write_config
 
@@ -115,7 +115,7 @@ def test_resume_refuses_another_base_model(tmp_path, pickapic_clean, capsys):
 
 def test_full_finetune_starts_exactly_at_ln2_in_one_mode(tmp_path, tiny_sd, pickapic_clean):
     from snpo.config import load_config
-    from snpo.engine import build_models
+    from snpo.trainer import build_models
 
     cfg = load_config(
         None, {"model": str(tiny_sd), "train_data": [str(pickapic_clean)], "objective": "dpo"}
@@ -211,7 +211,7 @@ def test_second_process_on_the_same_output_dir_is_refused(
         [
             sys.executable,
             "-c",
-            "import sys, time; from snpo.locks import exclusive_lock\n"
+            "import sys, time; from snpo.cache import exclusive_lock\n"
             f"with exclusive_lock({str(out)!r}, 'training run'):\n"
             "    print('held', flush=True); time.sleep(60)",
         ],
@@ -247,12 +247,11 @@ def test_guard_skips_routine_fp16_overflow_and_stops_after_the_limit():
 
 
 def test_every_failure_maps_to_a_documented_code():
-    from snpo.cache_store import CacheError
-    from snpo.checkpoints import CheckpointError
+    from snpo.cache import CacheError, FolderLocked
     from snpo.config import ConfigError
-    from snpo.engine import ModelLoadError, NonFiniteError, PeerFailed, ResumeError
-    from snpo.locks import FolderLocked
-    from snpo.run_dir import RunFolderError
+    from snpo.trainer import ModelLoadError, NonFiniteError, PeerFailed, ResumeError
+    from snpo.trainer.checkpoints import CheckpointError
+    from snpo.trainer.run_dir import RunFolderError
 
     doc = sys.modules["snpo.train"].__doc__
     cases = {
@@ -315,7 +314,7 @@ def test_rank0_failing_alone_does_not_leave_the_other_hanging(tmp_path, tiny_sd,
 
 
 # ---- host synchronisation: once per optimizer step, not per micro-step ----------------------
-_STEP_CODE = ("snpo/engine.py", "snpo/step.py", "snpo_kernels/")
+_STEP_CODE = ("snpo/trainer/", "snpo/step.py", "snpo_kernels/")
 
 
 def _syncs_per_step(tmp_path, model, data, accum: int, monkeypatch) -> float:
@@ -323,7 +322,7 @@ def _syncs_per_step(tmp_path, model, data, accum: int, monkeypatch) -> float:
     (the loop, the step, the loss), per optimizer step, setup excluded. The data loader's and
     the draws' conversions of host tensors are not device syncs and are not counted, nor are
     torch's AdamW step counters (host tensors on a GPU too)."""
-    import snpo.engine as engine
+    from snpo.trainer import MetricsLogger
 
     counts = {"n": 0, "on": False}
     for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
@@ -337,14 +336,14 @@ def _syncs_per_step(tmp_path, model, data, accum: int, monkeypatch) -> float:
 
         monkeypatch.setattr(torch.Tensor, name, wrapped)
     steps = {"seen": 0}
-    real_log = engine.MetricsLogger.log
+    real_log = MetricsLogger.log
 
     def log(self, record):
         steps["seen"] += 1
         counts["on"] = steps["seen"] < 4  # count over steps 2..4 (after step 1's logging)
         return real_log(self, record)
 
-    monkeypatch.setattr(engine.MetricsLogger, "log", log)
+    monkeypatch.setattr(MetricsLogger, "log", log)
     cfg = _cfg(
         tmp_path, model, data, tmp_path / f"run{accum}", max_steps=4, objective="snpo",
         train_batch_size_per_gpu=1, gradient_accumulation_steps=accum,

@@ -10,17 +10,24 @@ import torch
 
 from snpo.data import PairDataset, PickapicParquet, collate_pairs
 from snpo.draws import pair_draws
-from snpo.models import encode_prompts, load_model, null_embedding, training_target
+from snpo.models import (
+    elbo_weight,
+    encode_prompts,
+    load_model,
+    null_embedding,
+    training_target,
+)
 from snpo.step import (
     StepModels,
-    elbo_weight,
     encode_batch,
     lora_reference,
+    noised_inputs,
     preference_step,
+    reference_errors,
     swap_flags,
     unet_fn,
 )
-from snpo_kernels import per_sample_error
+from snpo_kernels import per_sample_error, preference_loss_with_stats
 
 P = 4
 UNCOND = torch.tensor([True, False, True, False])
@@ -226,7 +233,7 @@ def test_ref_err_path_and_lora_reference(tiny_sd, pickapic_clean):
 
 
 def test_elbo_weight_formula():
-    from snpo.tiny import build_scheduler
+    from snpo.models import build_scheduler
 
     s = build_scheduler()
     t = torch.tensor([0, 10, 500, 999])
@@ -234,3 +241,35 @@ def test_elbo_weight_formula():
     b, a, abar = s.betas[t].double(), s.alphas[t].double(), s.alphas_cumprod[t].double()
     torch.testing.assert_close(w.double(), 1000 * b / (2 * a * (1 - abar)), rtol=1e-6, atol=0)
     assert w[0] > w[-1] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_errors_equal_the_loss_backends_e_theta(tiny_sdxl, pickapic_clean, dtype):
+    """per_sample_error gives bit for bit what the torch loss reports as e_theta at β = λ = 1."""
+    sm, batch, draws = _setup(tiny_sdxl, pickapic_clean, dtype=dtype)
+    enc = encode_batch(sm, batch, draws)
+    stored = reference_errors(sm, enc, draws)
+    x_t, t, target, kw = noised_inputs(sm, enc, draws)
+    with torch.no_grad():
+        ref_pred = sm.reference(x_t, t, **kw)
+    zeros = torch.zeros(ref_pred.shape[0], dtype=torch.float32)
+    old = preference_loss_with_stats(
+        ref_pred, target, None, zeros, beta=1.0, lam=1.0, backend="torch"
+    ).e_theta
+    assert stored.dtype == torch.float32 and stored.shape == (2 * P,)
+    assert torch.equal(stored, old.detach().to(torch.float32))
+
+
+def test_step_goes_through_the_family(tiny_sd, pickapic_clean):
+    """noised_inputs is the family's noising of the pairs' draws, winners and losers sharing."""
+    sm, batch, draws = _setup(tiny_sd, pickapic_clean)
+    enc = encode_batch(sm, batch, draws)
+    x_t, t, target, kw = noised_inputs(sm, enc, draws)
+    fam = sm.model.spec
+    noise = torch.cat([draws.noise, draws.noise])
+    out = fam.noised(sm.model, enc.latents.float(), noise, draws.repeat(2), weighting="elbo")
+    assert torch.equal(x_t, out.x_t) and torch.equal(t, out.timestep)
+    assert torch.equal(target, out.target)
+    torch.testing.assert_close(out.weight, elbo_weight(sm.model.scheduler, t), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weighting"):
+        fam.noised(sm.model, enc.latents.float(), noise, draws.repeat(2), weighting="snr")

@@ -11,9 +11,7 @@ import time
 
 import torch
 
-from snpo.export import load_export, read_export_meta
-from snpo.models import encode_prompts, null_embedding
-from snpo.sampler import generate
+from snpo.models import encode_prompts, generate, load_export, null_embedding, read_export_meta
 
 from .conftest import REPO, child_env, read_metrics, train_here, write_config
 

@@ -1,5 +1,5 @@
 """Resuming on a different number of processes through DeepSpeed's universal checkpoint
-(:mod:`snpo.universal`): a tiny model (one frozen layer, saved with exclude_frozen_parameters as
+(:mod:`snpo.trainer.universal`): a tiny model (one frozen layer, saved with exclude_frozen_parameters as
 LoRA runs do), ZeRO-2, torch AdamW + LambdaLR, trained on 2 CPU ranks and resumed on 1, and
 the other way round. The loaded fp32 weights, AdamW moments and step, scheduler state and client
 state equal the saved ones, and the next step equals the uninterrupted run's."""
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from snpo.universal import (
+from snpo.trainer.universal import (
     MARKER,
     UniversalError,
     convert_to_universal,
@@ -50,7 +50,7 @@ a = p.parse_args()
 import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from safetensors.torch import save_file
-from snpo.universal import universal_load_config
+from snpo.trainer.universal import universal_load_config
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from snpo.checkpoints import complete_tags
 from snpo.data import PairOrder
-from snpo.engine import rebase_position
+from snpo.trainer import rebase_position
+from snpo.trainer.checkpoints import complete_tags
 
 from .conftest import launch_deepspeed, read_metrics, train_here, write_config
 

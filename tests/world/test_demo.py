@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snpo.demo import ASSETS, assets_ready
+from snpo.world.demo import ASSETS, assets_ready
 
 
 def test_shipped_assets_are_present():
@@ -22,7 +22,7 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "snpo.demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "snpo.world.demo", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -42,9 +42,7 @@ def test_demo_quick_end_to_end(tmp_path):
     # a checkpoint/export that loads and samples
     import torch
 
-    from snpo.export import load_export
-    from snpo.models import encode_prompts, null_embedding
-    from snpo.sampler import generate
+    from snpo.models import encode_prompts, generate, load_export, null_embedding
 
     model, meta = load_export(out / "train" / "export")
     assert meta["objective"] == "snpo" and meta["base_model"] == str(

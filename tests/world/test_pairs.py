@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from snpo.models import encode_prompts, load_model, null_embedding
-from snpo.sampler import generate
+from snpo.data import PICKAPIC_COLUMNS as COLUMNS
+from snpo.models import encode_prompts, generate, load_model, null_embedding
 from snpo.world.base_model import build_base_model_folder, read_world_info
 from snpo.world.pairs import Candidate, candidate_seed, form_pairs, generate_pairs, write_pairs
-from snpo.world.pickapic import COLUMNS, decode_image, read_table
+from snpo.world.pickapic import decode_image, read_table
 from snpo.world.render import render
 from snpo.world.reward import reward
 from snpo.world.vocab import WORDS, all_prompts, ordered_prompts, parse_prompt

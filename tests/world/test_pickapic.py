@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from snpo.data import PICKAPIC_COLUMNS as COLUMNS
 from snpo.world.pickapic import (
-    COLUMNS,
     Row,
     check_schema,
     decode_image,

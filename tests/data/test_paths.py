@@ -1,53 +1,29 @@
 """Image paths stay inside their data file's folder (own pairs, dataset rows) unless
-allow_outside_paths; images over the decoded-pixel cap (decompression bombs) are bad images."""
+allow_outside_paths; refusals name the record or row and the column."""
 
 from __future__ import annotations
 
 import json
-import struct
 import types
-import zlib
-from pathlib import Path
 
 import pytest
 
-import snpo.images
 from snpo.config import ConfigError, TrainConfig, load_config, validate
 from snpo.data import (
-    BadImageError,
     DataError,
     HubPairs,
     OwnPairs,
     PairDataset,
     PathOutsideError,
-    collate_pairs,
-    decode_image,
     image_bytes,
     open_source,
 )
-
-from .conftest import BLUE, GREEN, RED, write_config
+from tests.data.conftest import write_jsonl_pairs
+from tests.trainer.conftest import GREEN, RED, write_config
 
 
 def _ds(src, **kw):
     return PairDataset(src, resolution=16, seed=0, random_flip=False, **kw)
-
-
-@pytest.fixture()
-def tree(tmp_path) -> Path:
-    """tmp/outside.png, tmp/set/img/{w,l}.png, tmp/set/img/link.png → ../../outside.png."""
-    (tmp_path / "set" / "img").mkdir(parents=True)
-    (tmp_path / "outside.png").write_bytes(image_bytes(GREEN, (20, 24)))
-    (tmp_path / "set" / "img" / "w.png").write_bytes(image_bytes(RED, (20, 24)))
-    (tmp_path / "set" / "img" / "l.png").write_bytes(image_bytes(BLUE, (20, 24)))
-    (tmp_path / "set" / "img" / "link.png").symlink_to("../../outside.png")
-    return tmp_path
-
-
-def _jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
-    recs = [{"winner": w, "loser": lo, "prompt": f"p{i}"} for i, (w, lo) in enumerate(rows)]
-    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    return path
 
 
 @pytest.mark.parametrize(
@@ -61,7 +37,9 @@ def _jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
 )
 def test_own_pairs_refuse_paths_leaving_their_folder(tree, bad, why):
     bad = str(tree / "outside.png") if bad == "ABS" else bad
-    f = _jsonl(tree / "set" / "pairs.jsonl", [("img/w.png", "img/l.png"), ("img/w.png", bad)])
+    f = write_jsonl_pairs(
+        tree / "set" / "pairs.jsonl", [("img/w.png", "img/l.png"), ("img/w.png", bad)]
+    )
     with pytest.raises(PathOutsideError, match="allow_outside_paths") as info:
         OwnPairs(str(f))
     msg = str(info.value)
@@ -142,8 +120,9 @@ def test_hub_rows_naming_local_files_are_refused(tree, monkeypatch, image_featur
     src = HubPairs("owner/pairs", "train")
     if image_feature:
         assert _ds(src)[(0, 0)]["bad"] is None  # bytes in the row: fine
-    with pytest.raises(PathOutsideError, match=r"row 1 of owner/pairs.*outside\.png"):
+    with pytest.raises(PathOutsideError, match=r"row 1 of owner/pairs.*outside\.png") as info:
         _ds(src)[(0, 1)]
+    assert "column jpg_0" in str(info.value)
     assert _ds(HubPairs("owner/pairs", "train", allow_outside_paths=True))[(0, 1)]["bad"] is None
 
 
@@ -164,65 +143,20 @@ def test_local_dataset_folder_keeps_its_paths_inside(tree, monkeypatch):
         _ds(src)[(0, 1)]
 
 
-# ------------------------------------------------------------------------------- pixel cap
-def _bomb_png(w: int, h: int) -> bytes:
-    """A valid 1-bit grayscale PNG of w × h black pixels: a few KB claiming w·h pixels."""
+def test_hub_rows_without_a_label_are_dropped_as_in_parquet(monkeypatch):
+    """has_label false → the row is not a pair (the parquet reader's rule, now the hub's too)."""
+    import datasets
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    row = b"\0" * (1 + (w + 7) // 8)  # filter byte + packed bits
-    z = zlib.compressobj(9)
-    parts, step = [], 1000
-    for y in range(0, h, step):
-        parts.append(z.compress(row * min(step, h - y)))
-    parts.append(z.flush())
-    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", b"".join(parts))
-        + chunk(b"IEND", b"")
+    w = image_bytes(RED, (8, 8))
+    ds = datasets.Dataset.from_dict(
+        {
+            "caption": ["kept", "unlabelled", "tie"],
+            "jpg_0": [w, w, w],
+            "jpg_1": [w, w, w],
+            "label_0": [1.0, 0.0, 0.5],
+            "has_label": [True, False, True],
+        }
     )
-
-
-def test_an_image_over_the_pixel_cap_is_a_bad_image(tree):
-    # 9000² = 81 MP: under PIL's own bomb warning (~89 MP), over our 64 MP cap
-    big = _bomb_png(9000, 9000)
-    assert len(big) < 200_000
-    (tree / "set" / "img" / "big.png").write_bytes(big)
-    f = _jsonl(tree / "set" / "p.jsonl", [("img/w.png", "img/l.png"), ("img/big.png", "img/l.png")])
-    ds = _ds(OwnPairs(str(f)))
-    batch = collate_pairs([ds[(0, 0)], ds[(0, 1)]])
-    assert len(batch) == 1 and len(batch.bad) == 1  # counted and skipped, no crash
-    assert "winner image" in batch.bad[0][1] and "9000×9000" in batch.bad[0][1]
-    assert "MAX_IMAGE_PIXELS" in batch.bad[0][1]
-    with pytest.raises(BadImageError, match="over the cap"):
-        _ds(OwnPairs(str(f)), on_bad_image="fail")[(0, 1)]
-
-
-def test_decompression_bomb_in_eval_is_a_bad_pair(tree):
-    from snpo.evaluate import load_pair_pixels
-
-    (tree / "set" / "img" / "bomb.png").write_bytes(_bomb_png(20000, 20000))  # 400 MP
-    f = _jsonl(
-        tree / "set" / "p.jsonl", [("img/w.png", "img/l.png"), ("img/w.png", "img/bomb.png")]
-    )
-    keep, pix, _, _, _, bad = load_pair_pixels(OwnPairs(str(f)), [0, 1], 16)
-    assert keep == [0] and pix.shape[0] == 1
-    assert [i for i, _ in bad] == [1] and "bomb" in bad[0][1]
-
-
-def test_pixel_cap_is_configurable_and_spares_pickapic_sizes(monkeypatch):
-    assert decode_image(image_bytes(RED, (1024, 1024))).size == (1024, 1024)
-    small = image_bytes(RED, (20, 24))
-    with pytest.raises(BadImageError, match="20×24"):
-        decode_image(small, max_pixels=100)
-    monkeypatch.setattr(snpo.images, "MAX_IMAGE_PIXELS", 479)
-    with pytest.raises(BadImageError, match="over the cap"):
-        decode_image(small)
-    with pytest.raises(snpo.images.ImageTooLargeError):
-        snpo.images.decode_image(small)
-    monkeypatch.setattr(snpo.images, "MAX_IMAGE_PIXELS", 480)
-    assert decode_image(small).size == (20, 24)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: ds)
+    src = HubPairs("owner/pairs", "train")
+    assert src.rows.tolist() == [0] and len(src) == 1

@@ -1,4 +1,5 @@
-"""Pick-a-Pic parquet and own pairs: ties dropped, winner first, transforms, bad images."""
+"""Pick-a-Pic parquet and own pairs through the dataset: ties dropped, winner first,
+transforms, bad images, the loader."""
 
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from snpo.data import (
     open_source,
 )
 from snpo.draws import augment_draws
-
-from .conftest import BLUE, GREEN, RED
+from tests.trainer.conftest import BLUE, GREEN, RED
 
 
 def _ds(src, **kw):
@@ -139,3 +139,28 @@ def test_loader_with_workers_matches_in_process(pickapic):
     for x, g in zip(a, (1, 2, 3)):
         got = sorted(x.indices.tolist() + [i for i, _ in x.bad])
         assert got == sorted(i for _, i in order.batch(g))
+
+
+def test_the_one_max_pairs_cap_cuts_across_sources():
+    """ConcatSource.cap: the first n pairs of the whole, whichever source they are in; None
+    or a larger n keeps everything (training's max_train_pairs and eval's --max-pairs)."""
+    from snpo.data import ConcatSource, SourceStats
+
+    class Src:
+        def __init__(self, n, tag):
+            self.n, self.tag = n, tag
+            self.stats = SourceStats(rows=n, kept=n)
+
+        def __len__(self):
+            return self.n
+
+        def get(self, i):
+            return (self.tag, i)
+
+    def whole():
+        return ConcatSource([Src(3, "a"), Src(4, "b")])
+
+    capped = whole().cap(5)
+    assert len(capped) == 5 and capped.get(4) == ("b", 1) and capped.stats.kept == 5
+    assert len(whole().cap(None)) == 7 and len(whole().cap(99)) == 7
+    assert len(whole().cap(2)) == 2 and whole().cap(2).get(1) == ("a", 1)

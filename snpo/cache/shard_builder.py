@@ -1,0 +1,397 @@
+"""One process's part of a cache build: which shards are its own (units k ≡ rank mod world),
+which are done, how each is made, and where its entries are recorded (the manifest for one
+process, else the rank's journal, merged later).
+
+Shards per section (P pairs per shard, V flip variants, C×h×w the latent shape):
+
+- text: ``prompt_id`` (N,) int64 in the index; ``embeds`` (S, L, D) [+ ``pooled`` (S, D')] in
+  the training dtype per shard of S distinct prompts; the null embedding (1, L, D);
+- latents: ``mean``, ``logvar`` (P, 2, V, C, h, w) in the latent storage dtype (pixel space:
+  ``pixels`` uint8), ``original_size``, ``crop_top_left`` (P, 2, V, 2) int32, ``valid`` (P, 2);
+- ref: ``err`` (P, 2) float32 e_ref of winner and loser, ``valid`` (P,).
+
+Every large tensor carries one CRC32 per row (``row_crc``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from snpo.cache.inputs import ImageItems, list_collate
+from snpo.cache.reader import Cache
+from snpo.cache.sections import TEXT_INDEX, TEXT_NULL, latent_rel, ref_rel, text_rel
+from snpo.cache.store import (
+    CacheError,
+    atomic_write_json,
+    journal_path,
+    load_manifest,
+    merged_view,
+    new_manifest,
+    read_json,
+    row_crcs,
+    section_digest,
+    write_manifest,
+    write_shard,
+)
+from snpo.precision import dtype_of
+from snpo.step import reference_errors
+
+__all__ = ["BuildInterrupted", "ShardBuilder"]
+
+
+class BuildInterrupted(RuntimeError):
+    """Raised by the ``debug_stop_after`` test hook of :func:`snpo.cache.build_cache`."""
+
+
+class ShardBuilder:
+    """One rank's part of a cache build (:func:`snpo.cache.build_cache` sets the attributes
+    passed as keywords: rank, world, view, source, num_pairs, model, device, dtype, epochs,
+    shard_size, batch_size, latent_dtype, latent_layout, latent_shape, captions, num_workers,
+    verbose, debug_stop_after, ref_inputs)."""
+
+    def __init__(self, cfg, out: Path, **kw):
+        self.cfg, self.out = cfg, out
+        for k, v in kw.items():
+            setattr(self, k, v)
+        self.built = 0
+        self.skipped = 0
+        self.times: dict[str, float] = {}
+        self.cpu_times: dict[str, float] = {}
+        self.sys_times: dict[str, float] = {}  # the system part of cpu_times
+        self.encodes = 0  # image variants through the VAE in this run
+        self.encode_s = 0.0  # seconds in those VAE forwards
+        self.prompts_encoded = 0
+        self.ref_epochs: set[int] = set()
+        self.latent_epochs_built: set[int] = set()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.rank == 0 and self.verbose:
+            print(f"snpo cache: {msg}", flush=True)
+
+    def done(self, section: str, rel: str) -> bool:
+        entry = self.view["sections"].get(section, {}).get("shards", {}).get(rel)
+        if entry is None:
+            return False
+        p = self.out / rel
+        return p.is_file() and p.stat().st_size == entry["bytes"]
+
+    def record(self, section: str, rel: str, entry: dict) -> None:
+        self.view["sections"][section]["shards"][rel] = entry
+        if self.world == 1:
+            self.manifest["sections"][section]["shards"][rel] = entry
+            write_manifest(self.out, self.manifest)
+        else:
+            self.journal["sections"][section]["shards"][rel] = entry
+            atomic_write_json(journal_path(self.out, self.rank, self.world), self.journal)
+        self.built += 1
+        if self.debug_stop_after is not None and self.built >= self.debug_stop_after:
+            raise BuildInterrupted(f"debug_stop_after: stopped after {self.built} shard(s)")
+
+    def register(self, sections: dict[str, dict]) -> None:
+        """Write the sections' fingerprints/layouts (manifest, or this rank's journal)."""
+        if self.world == 1:
+            self.manifest = load_manifest(self.out) or new_manifest()
+            for name, sec in sections.items():
+                cur = self.manifest["sections"].get(name)
+                shards = cur["shards"] if cur is not None else {}
+                self.manifest["sections"][name] = {**sec, "shards": shards}
+            write_manifest(self.out, self.manifest)
+        else:
+            jp = journal_path(self.out, self.rank, self.world)
+            self.journal = read_json(jp) if jp.is_file() else {"sections": {}}
+            for name, sec in sections.items():
+                cur = self.journal["sections"].get(name)
+                ok = cur is not None and all(cur[k] == sec[k] for k in ("fingerprint", "layout"))
+                shards = cur["shards"] if ok else {}
+                self.journal["sections"][name] = {**sec, "shards": shards}
+            atomic_write_json(jp, self.journal)
+        for name, sec in sections.items():
+            cur = self.view["sections"].get(name)
+            self.view["sections"][name] = {**sec, "shards": cur["shards"] if cur else {}}
+
+    def run_units(self, section: str, units: list, build_one) -> None:
+        from tqdm import tqdm
+
+        t0, c0, s0 = time.perf_counter(), time.process_time(), os.times().system
+        mine = units[self.rank :: self.world]
+        todo = [u for u in mine if not self.done(section, u[0])]
+        self.skipped += len(mine) - len(todo)
+        if len(todo) < len(mine):
+            self.log(f"{section}: {len(mine) - len(todo)} shard(s) already done")
+        bar = tqdm(
+            todo, desc=f"{section}", disable=not (self.verbose and self.rank == 0), leave=False
+        )
+        digest = section_digest(self.view["sections"][section])
+        for unit in bar:
+            rel = unit[0]
+            tensors, meta = build_one(*unit[1:])
+            entry = write_shard(self.out, rel, tensors, meta, section=digest)
+            self.record(section, rel, entry)
+        self.times[section] = self.times.get(section, 0.0) + time.perf_counter() - t0
+        cpu = time.process_time() - c0  # this process (DataLoader workers not included)
+        self.cpu_times[section] = self.cpu_times.get(section, 0.0) + cpu
+        self.sys_times[section] = self.sys_times.get(section, 0.0) + os.times().system - s0
+
+    # -- text --------------------------------------------------------------------------------
+    def text_units(self):
+        caps = self.captions
+        ids, table = [], {}
+        for c in caps:
+            if c is None:
+                ids.append(-1)
+                continue
+            if c not in table:
+                table[c] = len(table)
+            ids.append(table[c])
+        self.prompt_ids = torch.tensor(ids, dtype=torch.int64)
+        self.unique = list(table)
+        s = self.shard_size
+        units = [(TEXT_INDEX, "index"), (TEXT_NULL, "null")]
+        units += [(text_rel(k), "shard", k) for k in range(math.ceil(len(self.unique) / s))]
+        return units
+
+    def build_text(self, kind: str, k: int | None = None):
+        from snpo.models import encode_prompts, null_embedding
+
+        m, dt = self.model, self.dtype
+        if kind == "index":
+            return {"prompt_id": self.prompt_ids}, {}
+        if kind == "null":
+            e = null_embedding(m)
+            t = {"embeds": e.embeds.to("cpu", dt)}
+            if e.pooled is not None:
+                t["pooled"] = e.pooled.to("cpu", dt)
+            return t, {"null_kind": m.null_kind}
+        s = self.shard_size
+        prompts = self.unique[k * s : (k + 1) * s]
+        embeds, pooled = [], []
+        step = max(1, self.batch_size * 4)
+        self.prompts_encoded += len(prompts)
+        for a in range(0, len(prompts), step):
+            e = encode_prompts(m, prompts[a : a + step])
+            embeds.append(e.embeds.to("cpu", dt))
+            if e.pooled is not None:
+                pooled.append(e.pooled.to("cpu", dt))
+        t = {"embeds": torch.cat(embeds)}
+        if pooled:
+            t["pooled"] = torch.cat(pooled)
+        t["row_crc"] = row_crcs(list(t.values()), 1)
+        return t, {"first": k * s, "prompts": prompts}
+
+    # -- latents -----------------------------------------------------------------------------
+    def latent_units(self):
+        k_n = math.ceil(self.num_pairs / self.shard_size)
+        if self.latent_layout["mode"] == "variants":
+            return [(latent_rel(k, None), k, None) for k in range(k_n)]
+        return [(latent_rel(k, e), k, e) for e in range(self.epochs) for k in range(k_n)]
+
+    def break_even(self) -> dict | None:
+        """What this run's build cost, in epochs of the live path's work on the same pairs, at
+        the build's own rates: a live step encodes both images and the prompt of every pair and
+        runs the reference on both rows, every epoch; a step from the cache does none of that.
+        {section: epochs of that section's live work, "total": the build's seconds over the
+        seconds one epoch of live work takes for the sections built, "runs": total / epochs}
+        (docs/cache.md, "Build cost and break-even"); None when nothing was built."""
+        live: dict[str, tuple[float, float]] = {}  # section: (build seconds, live epochs)
+        lay, lat_s = self.latent_layout, self.times.get("latents", 0.0)
+        if lat_s > 0 and self.encodes and self.encode_s > 0 and not lay["pixel_space"]:
+            # images a live epoch encodes = stored images (variants) or image-epochs (epochs)
+            per_epoch = self.encodes / lay["variants"] if lay["mode"] == "variants" else None
+            if per_epoch is None:
+                per_epoch = self.encodes / max(1, len(self.latent_epochs_built))
+            live["latents"] = (lat_s, lat_s / (self.encode_s / self.encodes * per_epoch))
+        text_s = self.times.get("text", 0.0)
+        if text_s > 0 and self.prompts_encoded:
+            live["text"] = (text_s, self.prompts_encoded * self.world / max(1, self.num_pairs))
+        ref_s = self.times.get("ref", 0.0)
+        if ref_s > 0 and self.ref_epochs:
+            live["ref"] = (ref_s, float(len(self.ref_epochs)))
+        if not live:
+            return None
+        build_s = sum(s for s, _ in live.values())
+        epoch_s = sum(s / e for s, e in live.values() if e > 0)
+        total = build_s / epoch_s if epoch_s > 0 else float("nan")
+        out = {k: round(e, 3) for k, (_, e) in live.items()}
+        out["total"] = round(total, 3)
+        out["runs"] = round(total / max(1, self.epochs), 3)
+        return out
+
+    def _loader(self, dataset, keys, batch):
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=[keys[a : a + batch] for a in range(0, len(keys), batch)],
+            collate_fn=list_collate,
+            num_workers=self.num_workers,
+        )
+
+    def build_latents(self, k: int, epoch: int | None):
+        from snpo.models import encode_images
+
+        lay = self.latent_layout
+        pixel, v_n = lay["pixel_space"], lay["variants"]
+        first = k * self.shard_size
+        idx = list(range(first, min(self.num_pairs, first + self.shard_size)))
+        ds = ImageItems(self.source, self.cfg, lay["mode"], v_n, epoch)
+        if epoch is not None:
+            self.latent_epochs_built.add(epoch)
+        n = len(idx)
+        c, h, w = lay["latent_shape"]
+        store_dt = dtype_of(self.latent_dtype)
+        if pixel:
+            out = {"pixels": torch.zeros(n, 2, v_n, c, h, w, dtype=torch.uint8)}
+        else:
+            out = {
+                "mean": torch.zeros(n, 2, v_n, c, h, w, dtype=store_dt),
+                "logvar": torch.zeros(n, 2, v_n, c, h, w, dtype=store_dt),
+            }
+        out["original_size"] = torch.zeros(n, 2, v_n, 2, dtype=torch.int32)
+        out["crop_top_left"] = torch.zeros(n, 2, v_n, 2, dtype=torch.int32)
+        out["valid"] = torch.zeros(n, 2, dtype=torch.uint8)
+        bad = []
+        for items in self._loader(ds, idx, self.batch_size):
+            slots, xs = [], []
+            for it in items:
+                row = it["index"] - first
+                out["original_size"][row] = it["size"]
+                out["crop_top_left"][row] = it["crop"]
+                if it["bad"] is not None:
+                    bad.append([it["index"], it["bad"]])
+                for j in range(2):
+                    out["valid"][row, j] = int(it["valid"][j])
+                    if it["valid"][j]:
+                        for v in range(v_n):
+                            slots.append((row, j, v))
+                            xs.append(it["x"][j, v])
+            if not xs:
+                continue
+            x = torch.stack(xs)
+            if pixel:  # exact: transform_image's x is u/127.5 − 1 for a uint8 u
+                u = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+                for (row, j, v), ui in zip(slots, u):
+                    out["pixels"][row, j, v] = ui
+                continue
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                mean, logvar = encode_images(self.model, x.to(self.device).to(self.dtype))
+            mean, logvar = mean.to("cpu").to(store_dt), logvar.to("cpu").to(store_dt)
+            self.encode_s += time.perf_counter() - t0
+            self.encodes += len(xs)
+            if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+                raise CacheError(
+                    f"latents of pairs {items[0]['index']}..{items[-1]['index']} overflow "
+                    f"{self.latent_dtype}; use --latent_dtype fp32 or bf16"
+                )
+            for (row, j, v), mi, li in zip(slots, mean, logvar):
+                out["mean"][row, j, v] = mi
+                out["logvar"][row, j, v] = li
+        big = [out["pixels"]] if pixel else [out["mean"], out["logvar"]]
+        out["row_crc"] = row_crcs(big, 3)
+        return out, {"first": first, "bad": bad}
+
+    # -- reference errors --------------------------------------------------------------------
+    def prepare_ref(self) -> None:
+        """The reference as a StepModels (the model's own frozen denoiser, called as its family
+        calls it) and, for cache inputs, a reader over the complete latents and text (built by
+        every rank before the barrier)."""
+        from snpo.models import null_embedding
+        from snpo.step import StepModels, unet_fn
+
+        null = null_embedding(self.model)
+        if self.ref_inputs == "cache":
+            self.view = merged_view(self.out)
+            self.reader = Cache(self.out, self.view, seed=self.cfg.seed, verify="lazy")
+            need = self.reader.missing("text") + self.reader.missing("latents")
+            have = self.reader.latent_epochs
+            if have is not None:
+                need += [f"latents of epoch {e}" for e in range(self.epochs) if e not in have]
+            if need:
+                raise CacheError(
+                    "reference errors from cached inputs need the complete latents and text, "
+                    f"but {len(need)} shard(s) are missing (e.g. {need[0]}); with independent "
+                    "processes, run all ranks with --what latents,text, then --merge, then "
+                    "--what ref (or launch with torchrun / deepspeed)"
+                )
+            null = self.reader.null()
+        self.step_models = StepModels(
+            self.model,
+            policy=None,
+            reference=unet_fn(self.model.unet, self.model.spec),
+            null=null.to(device=self.device, dtype=self.dtype),
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def ref_units(self):
+        k_n = math.ceil(self.num_pairs / self.shard_size)
+        return [(ref_rel(k, e), k, e) for e in range(self.epochs) for k in range(k_n)]
+
+    def build_ref(self, k: int, epoch: int):
+        from snpo.data import PairDataset, collate_pairs
+        from snpo.draws import pair_draws
+        from snpo.step import encode_batch
+
+        cfg, m = self.cfg, self.model
+        self.ref_epochs.add(epoch)
+        first = k * self.shard_size
+        idx = list(range(first, min(self.num_pairs, first + self.shard_size)))
+        err = torch.full((len(idx), 2), float("nan"), dtype=torch.float32)
+        valid = torch.zeros(len(idx), dtype=torch.uint8)
+        bad: list = []
+
+        def run(good: list[int], make_enc):
+            if not good:
+                return
+            draws = pair_draws(
+                cfg.seed, epoch, good, self.latent_shape, m.scheduler, cfg.uncond_prob
+            )
+            enc = make_enc(draws)
+            e = reference_errors(self.step_models, enc, draws, backend=cfg.backend).to("cpu")
+            p = len(good)
+            for n, i in enumerate(good):
+                err[i - first] = torch.stack([e[n], e[p + n]])
+                valid[i - first] = 1
+
+        if self.ref_inputs == "cache":
+            reader = self.reader
+            for a in range(0, len(idx), self.batch_size):
+                chunk = idx[a : a + self.batch_size]
+                ok = reader.valid(epoch, chunk).tolist()
+                good = [i for i, v in zip(chunk, ok) if v]
+                bad.extend(
+                    [list(b) for b in reader.bad(epoch, [i for i, v in zip(chunk, ok) if not v])]
+                )
+                run(
+                    good,
+                    lambda d, g=good: reader.encoded_batch(
+                        epoch, g, d, device=self.device, dtype=self.dtype
+                    ),
+                )
+        else:
+            ds = PairDataset(
+                self.source,
+                resolution=cfg.resolution,
+                seed=cfg.seed,
+                random_crop=cfg.random_crop,
+                random_flip=cfg.random_flip,
+                on_bad_image=cfg.on_bad_image,
+            )
+            keys = [(epoch, i) for i in idx]
+            loader = torch.utils.data.DataLoader(
+                ds,
+                batch_sampler=[
+                    keys[a : a + self.batch_size] for a in range(0, len(keys), self.batch_size)
+                ],
+                collate_fn=collate_pairs,
+                num_workers=self.num_workers,
+            )
+            for batch in loader:
+                bad.extend([[int(i), why] for i, why in batch.bad])
+                good = batch.indices.tolist()
+                run(good, lambda d, b=batch: encode_batch(self.step_models, b, d))
+        return {"err": err, "valid": valid}, {"first": first, "bad": sorted(bad)}
