@@ -213,7 +213,9 @@ class SD15Family(EpsilonUNetFamily):
     pipeline_class = "StableDiffusionPipeline"
 
     def matches(self, index: dict, components: set[str]) -> bool:
-        return "unet" in components and "text_encoder_2" not in components
+        scheduler = (index.get("scheduler") or [None, None])[-1]
+        flow = scheduler == "FlowMatchEulerDiscreteScheduler"  # a flow-matching UNet: flow_unet
+        return "unet" in components and "text_encoder_2" not in components and not flow
 
 
 class SDXLFamily(EpsilonUNetFamily):
