@@ -87,3 +87,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process training runs (any test folder) set RANK/WORLD_SIZE/MASTER_PORT/
+    DS_ACCELERATOR defaults; keep them from leaking into later tests and their subprocesses
+    (two trainers launched later would otherwise share one MASTER_PORT)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

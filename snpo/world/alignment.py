@@ -60,6 +60,9 @@ def write_config(
     return path
 
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_trainer(
     config: Path,
     log: Path | None = None,
@@ -73,6 +76,8 @@ def run_trainer(
     if threads is None:
         threads = int(os.environ.get("SNPO_DEMO_THREADS", str(os.cpu_count() or 1)))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for name in LAUNCHER_VARIABLES:  # an independent run: its own rank 0 and its own free port
+        env.pop(name, None)
     cmd = [sys.executable, "-m", "snpo.train", "--config", str(config), *overrides]
     if log is None:
         proc = subprocess.run(cmd, env=env)

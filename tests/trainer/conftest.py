@@ -128,16 +128,6 @@ def pickapic_rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture(autouse=True)
-def _restore_environment():
-    """In-process runs set RANK/WORLD_SIZE/MASTER_PORT/DS_ACCELERATOR defaults; keep them from
-    leaking into later tests (and into their subprocesses)."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("sd") / "m", family="sd", words=WORDS)
