@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from snpo.models.diffusion import DiffusionModel, check_tokenizer, freeze, load_vae
+from snpo.models.diffusion import DiffusionModel
 from snpo.models.embeddings import PromptEmbeddings
 from snpo.models.family import LoadRequest, register
 from snpo.models.sd3 import FlowMatchingFamily, index_matches, require_text_encoders, tokenize
@@ -129,25 +129,12 @@ class FluxFamily(FlowMatchingFamily):
             ):
                 tokenizers.append(AutoTokenizer.from_pretrained(src, subfolder=tok_dir, **hub))
                 encoders.append(cls.from_pretrained(src, subfolder=enc_dir, **weights, **hub))
-        vae, extra = load_vae(request)
-        for tok in tokenizers:
-            check_tokenizer(tok, src)
-        freeze([transformer, *encoders, vae], request.device)
-        extra.update(
+        return self.assemble(
+            request, transformer, scheduler, tokenizers, encoders,
             max_sequence_length=T5_MAX_LENGTH,
             guidance_scale=DEFAULT_GUIDANCE,
             guidance_embeds=bool(transformer.config.guidance_embeds),
-        )
-        return DiffusionModel(
-            unet=transformer,
-            scheduler=scheduler,
-            text_encoders=encoders,
-            tokenizers=tokenizers,
-            vae=vae,
-            family=self.name,
-            source=src,
-            extra=extra,
-        )
+        )  # fmt: skip
 
     @torch.no_grad()
     def encode_prompts(self, model: DiffusionModel, prompts: list[str]) -> PromptEmbeddings:

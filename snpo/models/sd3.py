@@ -116,6 +116,27 @@ class FlowMatchingFamily(ModelFamily):
     flow: ClassVar[bool] = True
     default_sampler: ClassVar[str] = "flow_euler"
 
+    def assemble(
+        self, request, transformer, scheduler, tokenizers, encoders, **extra_fields
+    ) -> DiffusionModel:
+        """The DiffusionModel of loaded flow components: the VAE (or its config) added, the
+        tokenizers checked, everything frozen on the device; ``extra_fields`` go to ``extra``."""
+        vae, extra = load_vae(request)
+        for tok in tokenizers:
+            check_tokenizer(tok, request.source)
+        freeze([transformer, *encoders, vae], request.device)
+        extra.update(extra_fields)
+        return DiffusionModel(
+            unet=transformer,
+            scheduler=scheduler,
+            text_encoders=encoders,
+            tokenizers=tokenizers,
+            vae=vae,
+            family=self.name,
+            source=request.source,
+            extra=extra,
+        )
+
     def configure(self, model, options) -> None:
         """σ sampling from ``flow_sigma_sampler``, ``flow_logit_mean``, ``flow_logit_std``,
         ``flow_mode_scale`` and ``flow_shift`` (None: the scheduler's static shift)."""
@@ -228,21 +249,10 @@ class SD3Family(FlowMatchingFamily):
             for tok_dir, enc_dir, cls in pairs:
                 tokenizers.append(AutoTokenizer.from_pretrained(src, subfolder=tok_dir, **hub))
                 encoders.append(cls.from_pretrained(src, subfolder=enc_dir, **weights, **hub))
-        vae, extra = load_vae(request)
-        for tok in tokenizers:
-            check_tokenizer(tok, src)
-        freeze([transformer, *encoders, vae], request.device)
-        extra["max_sequence_length"] = T5_MAX_LENGTH
-        return DiffusionModel(
-            unet=transformer,
-            scheduler=scheduler,
-            text_encoders=encoders,
-            tokenizers=tokenizers,
-            vae=vae,
-            family=self.name,
-            source=src,
-            extra=extra,
-        )
+        return self.assemble(
+            request, transformer, scheduler, tokenizers, encoders,
+            max_sequence_length=T5_MAX_LENGTH,
+        )  # fmt: skip
 
     @torch.no_grad()
     def encode_prompts(self, model: DiffusionModel, prompts: list[str]) -> PromptEmbeddings:
