@@ -189,7 +189,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test, as :func:`child_env` runs its children: a
+    test comparing an in-process run with a subprocess's must use the same thread count (a CPU
+    matmul may split its reduction over threads, which changes the last bits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def child_env() -> dict:
+    """The environment of a trainer child process: one intra-op thread (see :func:`one_thread`),
+    DeepSpeed on the CPU, no launcher variables."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)

@@ -163,39 +163,49 @@ def test_preemption_signals_checkpoint_the_interrupted_step_and_resume_exactly(
     tmp_path, tiny_sd, pickapic_clean
 ):
     common = _common(tiny_sd, pickapic_clean)
-    straight = tmp_path / "straight"
-    port = free_port()
-    cfg = write_config(tmp_path / "s.yaml", output_dir=straight, max_steps=12, **common)
-    p = _launch(cfg, port)
-    assert p.wait(timeout=240) == 0, p.communicate()[0][-3000:]
-    want = _losses(straight)
-    assert not _shm_names(port)  # nothing left in /dev/shm
-
+    resumed = {}
     for target in ("group", "launcher"):
         out = tmp_path / target
         cfg = write_config(tmp_path / f"{target}.yaml", output_dir=out, max_steps=400, **common)
         p = _launch(cfg, free_port())
         _wait_for_step(out, 2, p)
+        seen, t_signal = len(read_metrics(out)), time.monotonic()
         if target == "group":
             os.killpg(p.pid, signal.SIGTERM)  # what SLURM / spot reclaim send
         else:
             p.send_signal(signal.SIGTERM)  # the launcher alone: the ranks must not go on
         log = p.communicate(timeout=120)[0]
+        took = time.monotonic() - t_signal
         _ranks_gone(tmp_path / f"{target}.yaml")
         tags = complete_tags(out / "checkpoints")
         last = read_metrics(out)[-1]["step"]
         assert tags and tags[-1] == f"step_{last:08d}", (tags, last, log[-3000:])
-        assert last < 10, last
+        # stopped promptly: within seconds of the signal (the launcher case polls the launcher
+        # once a second), not after the 400 steps; a bound in steps would depend on how fast the
+        # machine runs the tiny model's steps
+        assert seen <= last < 400 and took < 60, (seen, last, took)
         if target == "group":
             assert "SIGTERM received" in log and "preempted" in log, log[-3000:]
-        # resume with a fresh launch: the remaining steps equal the uninterrupted run's
-        port2 = free_port()
-        p = _launch(cfg, port2, "--max_steps", str(last + 2))
+        # resume with a fresh launch
+        port = free_port()
+        p = _launch(cfg, port, "--max_steps", str(last + 2))
         assert p.wait(timeout=240) == 0, p.communicate()[0][-3000:]
-        got = _losses(out)
+        resumed[target] = (last, _losses(out))
+        assert not _shm_names(port)  # nothing left in /dev/shm
+
+    # the resumed steps equal an uninterrupted run's (constant learning rate: max_steps does not
+    # change the trajectory)
+    straight = tmp_path / "straight"
+    steps = max(last for last, _ in resumed.values()) + 2
+    cfg = write_config(tmp_path / "s.yaml", output_dir=straight, max_steps=steps, **common)
+    port = free_port()
+    p = _launch(cfg, port)
+    assert p.wait(timeout=240) == 0, p.communicate()[0][-3000:]
+    want = _losses(straight)
+    assert not _shm_names(port)
+    for target, (last, got) in resumed.items():
         for s in (last + 1, last + 2):
             assert got[s] == want[s], (target, s, got[s], want[s])
-        assert not _shm_names(port2)
 
 
 @pytest.mark.slow

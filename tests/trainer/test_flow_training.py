@@ -230,7 +230,7 @@ def test_sd3_snpo_two_processes_zero3(tmp_path, tiny_sd3, pickapic_clean):
 
 
 @pytest.mark.slow
-def test_sd3_resume_after_sigkill_is_exact(tmp_path, tiny_sd3, pickapic_clean, capsys):
+def test_sd3_resume_after_sigkill_is_exact(tmp_path, tiny_sd3, pickapic_clean, capsys, one_thread):
     common = dict(
         objective="snpo", max_steps=6, checkpoint_every=2, keep_checkpoints=0,
         gradient_accumulation_steps=2, lr_warmup_steps=2, lr_schedule="cosine",

@@ -63,7 +63,7 @@ def test_train_export_then_nonfinite_guard(tmp_path, tiny_sd, pickapic, capsys):
     assert [x["step"] for x in read_metrics(out)] == [1, 2, 3, 4, 5]
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, tiny_sd, pickapic_clean, capsys):
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_sd, pickapic_clean, capsys, one_thread):
     common = dict(
         model=tiny_sd,
         train_data=pickapic_clean,
