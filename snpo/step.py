@@ -300,6 +300,7 @@ def preference_step(
         "count_cond": s.count_cond,
         "count_uncond": s.count_uncond,
         "logp_proxy": s.logp_proxy,
+        "stat_sums": s.sums(),  # what the trainer adds over micro-batches and ranks
         "mse_policy": out.e_theta.mean(),
         "mse_ref": out.e_ref.mean(),
         "pairs": torch.tensor(float(p), device=dev),

@@ -16,7 +16,7 @@ from .dispatch import (
     self_check_verdicts,
 )
 from .reference import bounded_margin, per_sample_error
-from .stats import PreferenceStats, preference_stats, stats_from_sums
+from .stats import SUM_FIELDS, PreferenceStats, preference_stats, stats_from_sums
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "PreferenceLoss",
     "PreferenceOutput",
     "PreferenceStats",
+    "SUM_FIELDS",
     "SelfCheckWarning",
     "available_backends",
     "beta_from",

@@ -17,18 +17,17 @@ from pathlib import Path
 import torch
 
 from snpo.config import TrainConfig
+from snpo_kernels import SUM_FIELDS, stats_from_sums
 
 METRICS_FILE = "metrics.jsonl"
 
-# the additive quantities of a micro-batch, in metric_vector order; the loop fills the last two
+# the additive quantities of a micro-batch, in metric_vector order: the loss and pair count, the
+# preference statistics exactly as snpo_kernels adds them (PreferenceStats.sums, SUM_FIELDS), the
+# two MSE sums and the micro-batch count; the loop fills the last two
 METRIC_FIELDS = (
     "loss_sum",
     "pairs",
-    "correct_cond",
-    "pairs_cond",
-    "correct_uncond",
-    "pairs_uncond",
-    "logp_sum",
+    *SUM_FIELDS,
     "mse_policy_sum",
     "mse_ref_sum",
     "micro_batches",
@@ -36,14 +35,16 @@ METRIC_FIELDS = (
     "bad_images",
 )
 METRIC_SLOTS = len(METRIC_FIELDS)
+STATS_SLOTS = slice(2, 2 + len(SUM_FIELDS))
 STOP_SLOT = METRIC_FIELDS.index("stop_requested")
 BAD_SLOT = METRIC_FIELDS.index("bad_images")
 
 
 def metric_vector(m: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """(METRIC_SLOTS,) sums of one micro-batch's metrics (:data:`METRIC_FIELDS`), on ``like``'s
-    device and dtype with no host synchronisation: loss·P, P, acc_c·n_c, n_c, acc_u·n_u, n_u,
-    logp·P, mse_policy·P, mse_ref·P, 1, and zeros for the two slots the loop fills."""
+    device and dtype with no host synchronisation: loss·P, P, the step's
+    ``PreferenceStats.sums()`` (``stat_sums``; an SFT step has only the branch counts), mse_policy·P,
+    mse_ref·P, 1, and zeros for the two slots the loop fills."""
 
     def g(k):
         v = m.get(k)
@@ -51,45 +52,46 @@ def metric_vector(m: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tenso
             return torch.zeros((), dtype=like.dtype, device=like.device)
         return torch.nan_to_num(v.detach().to(like.device, like.dtype).reshape(()), nan=0.0)
 
-    p, n_c, n_u = g("pairs"), g("count_cond"), g("count_uncond")
+    stats = m.get("stat_sums")
+    if stats is None:  # no preference loss (sft): the counts of its CFG dropout only
+        zeros = [torch.zeros((), dtype=like.dtype, device=like.device)] * (len(SUM_FIELDS) - 2)
+        stats = torch.stack([g("count_cond"), g("count_uncond"), *zeros])
+    else:
+        stats = stats.detach().to(like.device, like.dtype)
+    p = g("pairs")
     one = torch.ones((), dtype=like.dtype, device=like.device)
-    return torch.stack(
-        [
-            g("loss") * p,
-            p,
-            g("accuracy_cond") * n_c,
-            n_c,
-            g("accuracy_uncond") * n_u,
-            n_u,
-            g("logp_proxy") * p,
-            g("mse_policy") * p,
-            g("mse_ref") * p,
-            one,
-            torch.zeros_like(one),
-            torch.zeros_like(one),
-        ]
+    head = torch.stack([g("loss") * p, p])
+    tail = torch.stack(
+        [g("mse_policy") * p, g("mse_ref") * p, one, torch.zeros_like(one), torch.zeros_like(one)]
     )
+    return torch.cat([head, stats, tail])
 
 
-def step_record(s: list[float], step: int, epoch: int) -> dict:
+def step_record(s: list[float], step: int, epoch: int, *, preference: bool = True) -> dict:
     """The means of a step from its summed :func:`metric_vector` ``s``; None for a mean over
-    nothing."""
+    nothing (an empty branch; every preference statistic of an SFT run, ``preference=False``).
+    The branch means come from :func:`snpo_kernels.stats_from_sums`, as any other trainer would
+    compute them."""
 
     def div(a, b):
         return float(a / b) if b > 0 else None
 
+    stats = stats_from_sums(torch.tensor(s[STATS_SLOTS], dtype=torch.float64))
+    if not preference:
+        stats = {k: v for k, v in stats.items() if k.startswith("count_")}
+    f = dict(zip(METRIC_FIELDS, s, strict=True))
     return {
         "step": step,
         "epoch": epoch,
-        "loss": div(s[0], s[1]),
-        "pairs": int(s[1]),
-        "accuracy_cond": div(s[2], s[3]),
-        "accuracy_uncond": div(s[4], s[5]),
-        "pairs_cond": int(s[3]),
-        "pairs_uncond": int(s[5]),
-        "logp_proxy": div(s[6], s[1]),
-        "mse_policy": div(s[7], s[1]),
-        "mse_ref": div(s[8], s[1]),
+        "loss": div(f["loss_sum"], f["pairs"]),
+        "pairs": int(f["pairs"]),
+        "accuracy_cond": stats.get("accuracy_cond"),
+        "accuracy_uncond": stats.get("accuracy_uncond"),
+        "pairs_cond": int(f["count_cond"]),
+        "pairs_uncond": int(f["count_uncond"]),
+        "logp_proxy": stats.get("logp_proxy"),
+        "mse_policy": div(f["mse_policy_sum"], f["pairs"]),
+        "mse_ref": div(f["mse_ref_sum"], f["pairs"]),
     }
 
 
@@ -157,12 +159,17 @@ class MetricsLogger:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
         step = record["step"]
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        # every sink gets the same finite scalars: a mean over nothing is None, an unreported
+        # norm NaN, and neither is sent (a tracker would plot it as a gap or a spike)
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and k != "step" and v == v
+        }
         if step % self.cfg.log_every == 0 or step == self.cfg.max_steps:
             if self.tb is not None:
                 for k, v in scalars.items():
-                    if v == v:  # skip NaN (no norm reported)
-                        self.tb.add_scalar(f"train/{k}", v, step)
+                    self.tb.add_scalar(f"train/{k}", v, step)
             if self.wandb is not None:
                 self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
         if self.bar is not None:

@@ -521,7 +521,8 @@ class Trainer:
         all_reduce(sums)  # also how every rank learns that one was asked to stop
         sums = sums.tolist()  # the one read of this step's metrics
         dt = time.perf_counter() - t0
-        record = step_record(sums, step, self.order.position(self.data_step(step) - 1)[0])
+        epoch = self.order.position(self.data_step(step) - 1)[0]
+        record = step_record(sums, step, epoch, preference=cfg.objective != "sft")
         record.update(
             grad_norm=grad_norm if grad_norm is not None else float("nan"),
             lr=float(engine.get_lr()[0]),
