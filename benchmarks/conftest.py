@@ -11,8 +11,9 @@ Environment:
   SNPO_BENCH_SAVE=1     CPU runs write to benchmarks/results too
   SNPO_BENCH_BUDGET_S   seconds after which remaining cases are skipped (recorded), so that a
                         time-limited run still writes its results (default 480 GPU, 60 CPU)
-  SNPO_BENCH_TRAINER    auto | full | none   the trainer-step rows (test_trainer_bench.py);
-                        full on a CPU: the sd15-small measurement instead of the tiny rows
+  SNPO_BENCH_TRAINER    auto | full | sd3 | none   the trainer-step rows (test_trainer_bench.py);
+                        full on a CPU: the sd15-small measurement instead of the tiny rows;
+                        sd3: the sd35m-small (SD3.5-M-structured) measurement
   SNPO_BENCH_TRAINER_BUDGET_S  the same budget for the trainer-step rows, counted from their
                         first row (default 300 GPU, 30 CPU, 1500 CPU full)
   SNPO_BENCH_ROUNDS     interleaved rounds of the trainer-step rows (default 4–12 GPU, 4–8
@@ -94,12 +95,12 @@ def detect_device() -> torch.device:
 
 
 def trainer_plan(plan: dict[str, float], env: dict[str, str] | None = None) -> dict[str, float]:
-    """The plan with the trainer-step overrides: SNPO_BENCH_TRAINER=full on a CPU (the opt-in
-    sd15-small measurement) gets 6 rounds and a 1500 s budget; SNPO_BENCH_ROUNDS=N fixes the
+    """The plan with the trainer-step overrides: SNPO_BENCH_TRAINER=full or sd3 on a CPU (the
+    opt-in sd15-small / sd35m-small measurements) gets 6 rounds and a 1500 s budget; SNPO_BENCH_ROUNDS=N fixes the
     number of rounds; SNPO_BENCH_TRAINER_BUDGET_S the budget."""
     env = dict(os.environ) if env is None else env
     out = dict(plan)
-    if env.get("SNPO_BENCH_TRAINER") == "full" and plan is PLANS["cpu"]:
+    if env.get("SNPO_BENCH_TRAINER") in ("full", "sd3") and plan is PLANS["cpu"]:
         out.update(step_rounds_min=6, step_rounds_max=6, trainer_budget_s=1500.0)
     if env.get("SNPO_BENCH_ROUNDS"):
         n = int(env["SNPO_BENCH_ROUNDS"])
@@ -298,7 +299,16 @@ class BenchSession:
         full = any(
             m in TC.TARGET_MODELS for m, _ in self.trainer_groups if not TC.MODELS[m].gpu_only
         )
-        return R.CPU_FULL_NOTE if full else R.CPU_NOTE
+        if not full:
+            return R.CPU_NOTE
+        models = sorted(
+            {
+                m
+                for m, _ in self.trainer_groups
+                if m in TC.TARGET_MODELS and not TC.MODELS[m].gpu_only
+            }
+        )
+        return R.CPU_FULL_NOTE.format(models=", ".join(models))
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started

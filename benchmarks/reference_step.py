@@ -26,6 +26,17 @@ text encoders, pixels and prompts, and the same optimizer (``trainer_cases.Maste
 torch's AdamW; bf16 weights with fp32 masters on a GPU — the script itself trains fp32 weights
 under autocast, which is not modelled). β is the benchmark's (5000). Its CFG prompt dropout
 (``proportion_empty_prompts``) does not change the work and is left out.
+
+SD3-class (flow-matching) groups get the same loop in the flow-matching manner
+(:func:`flow_dpo_step`), as a Diffusion-DPO loop on diffusers' SD3 training script
+(``train_dreambooth_sd3.py``) does it: the latents ``(sample − shift_factor) × scaling_factor``;
+the logit-normal density (``compute_density_for_timestep_sampling``, mean 0, std 1) turned into
+an index into the scheduler's shifted training table, its timestep and σ, shared per pair;
+x_t = (1 − σ)·x0 + σ·ε; the prompt encoded in the step by all three encoders as
+``StableDiffusion3Pipeline.encode_prompt`` does (CLIP-L and CLIP-G penultimate hidden states
+concatenated and zero-padded to the T5 width, T5 appended along the sequence, both pooled
+outputs concatenated); the policy and the no-grad reference transformer on the concatenated
+winner/loser batch, the velocity target ε − x0, no loss weighting; then steps 6-7 above.
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ from . import trainer_cases as TC
 
 def diffusion_dpo_step(g: TC.Group):
     """The reference step on group ``g``'s model and micro-batch (a callable returning the
-    loss as a float)."""
+    loss as a float); flow-matching families: :func:`flow_dpo_step`."""
+    if g.model.spec.flow:
+        return flow_dpo_step(g)
     model, dev, dt = g.model, g.device, g.dtype
     vae, unet, ref_unet = model.vae, g.unet, g.reference
     encoders, tokenizers = model.text_encoders, model.tokenizers
@@ -120,5 +133,95 @@ def diffusion_dpo_step(g: TC.Group):
         opt.step()
         opt.zero_grad()
         return float(logged[0])
+
+    return step
+
+
+def _dpo_update(g: TC.Group, losses: torch.Tensor, ref_losses: torch.Tensor, raw_model_loss):
+    """Steps 6-7: the DPO loss of the per-sample (2P,) policy and reference errors (winners
+    then losers), its four logged scalars, backward, the default clip, AdamW; the loss."""
+    losses_w, losses_l = losses.chunk(2)
+    model_diff = losses_w - losses_l
+    ref_w, ref_l = ref_losses.chunk(2)
+    ref_diff = ref_w - ref_l
+    raw_ref_loss = ref_losses.mean()
+    inside = -0.5 * TC.BETA * (model_diff - ref_diff)
+    implicit_acc = (inside > 0).sum().float() / inside.size(0)
+    loss = -1 * F.logsigmoid(inside).mean()
+    logged = [t.item() for t in (loss, raw_model_loss, raw_ref_loss, implicit_acc)]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(g.opt.params, TC.MAX_GRAD_NORM)
+    g.opt.step()
+    g.opt.zero_grad()
+    return float(logged[0])
+
+
+def flow_dpo_step(g: TC.Group):
+    """The reference step of an SD3-class group in the flow-matching manner (module
+    docstring): a callable returning the loss as a float."""
+    model, dev, dt = g.model, g.device, g.dtype
+    vae, transformer, ref_transformer = model.vae, g.unet, g.reference
+    encoders, tokenizers = model.text_encoders, model.tokenizers
+    scheduler = model.scheduler
+    num_t = int(scheduler.config.num_train_timesteps)
+    # the scheduler's training tables (shifted at construction), as the script's get_sigmas
+    table_t = scheduler.timesteps.to(dev)
+    table_sigma = scheduler.sigmas.to(device=dev, dtype=torch.float32)
+    t5_len = int(model.extra.get("max_sequence_length", 256))
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    pixel_values = torch.cat([g.batch.pixels[:, 0], g.batch.pixels[:, 1]], dim=1).to(dev)
+    captions = list(g.prompts)
+
+    def ids(tok, length):
+        return tok(
+            captions,
+            padding="max_length",
+            max_length=length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(dev)
+
+    def encode_prompt():
+        """(embeds (P, 77 + T5 length, D_t5), pooled (P, D_l + D_g)) as the SD3 pipeline."""
+        with torch.no_grad():
+            hidden, pooled = [], []
+            clip_len = tokenizers[0].model_max_length
+            for tok, enc in zip(tokenizers[:2], encoders[:2]):
+                out = enc(ids(tok, clip_len), output_hidden_states=True)
+                pooled.append(out[0])
+                hidden.append(out.hidden_states[-2])
+            t5 = encoders[2](ids(tokenizers[2], t5_len))[0]
+            clip = torch.cat(hidden, dim=-1)
+            clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+            return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    def step(_=None) -> float:
+        feed = torch.cat(pixel_values.chunk(2, dim=1))  # (2P, 3, R, R): winners, then losers
+        with torch.no_grad():
+            latents = vae.encode(feed.to(dt)).latent_dist.sample()
+            latents = (latents - shift) * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        bsz = latents.shape[0]
+        u = torch.sigmoid(torch.normal(0.0, 1.0, size=(bsz,), device=dev))  # logit-normal
+        indices = (u * num_t).long().clamp(max=num_t - 1)
+        indices = indices.chunk(2)[0].repeat(2)  # one σ and one ε per pair
+        noise = noise.chunk(2)[0].repeat(2, 1, 1, 1)
+        timesteps = table_t[indices]
+        sigmas = table_sigma[indices].view(-1, 1, 1, 1)
+        noisy = ((1.0 - sigmas) * latents + sigmas * noise).to(dt)
+        embeds, pooled = encode_prompt()
+        cond = {
+            "encoder_hidden_states": embeds.repeat(2, 1, 1),
+            "pooled_projections": pooled.repeat(2, 1),
+        }
+        target = noise - latents  # the velocity
+        pred = transformer(hidden_states=noisy, timestep=timesteps, **cond).sample
+        losses = (pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+        losses_w, losses_l = losses.chunk(2)
+        raw_model_loss = 0.5 * (losses_w.mean() + losses_l.mean())
+        with torch.no_grad():
+            ref_pred = ref_transformer(hidden_states=noisy, timestep=timesteps, **cond).sample
+            ref_losses = (ref_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+        return _dpo_update(g, losses, ref_losses, raw_model_loss)
 
     return step

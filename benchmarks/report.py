@@ -34,7 +34,7 @@ CPU_NOTE = (
     "CPU run: these numbers exercise the harness on tiny shapes and are NOT performance claims."
 )
 CPU_FULL_NOTE = (
-    "CPU run with the sd15-small trainer rows (SNPO_BENCH_TRAINER=full): those rows are the "
+    "CPU run with the {models} trainer rows (SNPO_BENCH_TRAINER=full or sd3): those rows are the "
     "project's CPU measurement of the trainer step against the reference step (the trainer "
     "targets are judged on them); any kernel rows and tiny-model rows only exercise the harness."
 )

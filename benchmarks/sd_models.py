@@ -5,7 +5,9 @@ encoder configs (random weights, nothing downloaded; the parameter counts and he
 the real ones), the reduced SD1.5-structured model of the CPU rows (``sd15-small``: UNet channels
 64/128/256/256 = 37.5 M parameters, a 5.3 M VAE of SD's VAE structure at a quarter of its width,
 a 15.0 M two-layer CLIP text encoder of CLIP-L's width, 256 px → latents 4×32×32) and the tiny
-models of the CI subset (``snpo.models.tiny``'s shapes).
+models of the CI subset (``snpo.models.tiny``'s shapes). For the SD3-class rows
+(:func:`build_flow_parts`): SD3's 16-channel VAE structure at a quarter width, CLIP-L / CLIP-G at
+a quarter width and a width-512 T5 encoder, 2 layers each (``sd35m-small``), and tiny ones.
 
 :func:`build_parts` makes the components in memory; :func:`save_model` writes the same model as a
 diffusers folder (:func:`snpo.models.tiny.save_model_folder`) that :func:`snpo.models.load_model`
@@ -188,3 +190,111 @@ def save_model(path: str | Path, name: str, unet_config: dict[str, Any], *, seed
             scheduler=build_scheduler(),
             vae=vae,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3.5-Medium-structured flow-matching models (family "sd3")
+# ---------------------------------------------------------------------------------------------
+# SD3's VAE: SD's structure with 16 latent channels, no quant convs, shift and scale
+# (stable-diffusion-3-medium vae/config.json: shift_factor 0.0609, scaling_factor 1.5305)
+SD3_VAE: dict[str, Any] = {
+    **SD_VAE,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "sample_size": 1024,
+}
+# the same structure at a quarter of the width (as SMALL_VAE): 256 px → latents 16×32×32
+SD3_SMALL_VAE: dict[str, Any] = {
+    **SD3_VAE,
+    "block_out_channels": (32, 64, 128, 128),
+    "sample_size": 256,
+}
+TINY_SD3_VAE: dict[str, Any] = {
+    **TINY_VAE,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+}
+# reduced text encoders of SD3's three: CLIP-L (768) and CLIP-G (1280) at a quarter of their
+# widths, 2 layers each, and a 2-layer T5 encoder of width 512 (T5-XXL: 4096): the CLIP
+# features (192 + 320 = 512) fill the T5 width exactly, as 768 + 1280 = 2048 are zero-padded to
+# 4096 in SD3.5
+CLIP_L_SMALL: dict[str, Any] = {
+    **CLIP_L,
+    "vocab_size": 1024,
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 3,
+    "projection_dim": 192,
+}
+CLIP_G_SMALL: dict[str, Any] = {
+    **CLIP_BIGG,
+    "vocab_size": 1024,
+    "hidden_size": 320,
+    "intermediate_size": 1280,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 5,
+    "projection_dim": 320,
+}
+T5_SMALL: dict[str, Any] = {"width": 512, "layers": 2}
+TINY_T5: dict[str, Any] = {"width": 48, "layers": 2}
+T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
+
+# per flow model of trainer_cases.MODELS: (VAE config, (CLIP-L, CLIP-G) configs, T5 size,
+# CLIP tokens per prompt)
+FLOW_COMPONENTS: dict[str, tuple[dict[str, Any], tuple[dict[str, Any], ...], dict, int]] = {
+    "sd35m-small": (SD3_SMALL_VAE, (CLIP_L_SMALL, CLIP_G_SMALL), T5_SMALL, 77),
+    "tiny-sd3": (TINY_SD3_VAE, (TINY_CLIP, TINY_CLIP), TINY_T5, 16),
+}
+
+
+def build_flow_parts(
+    name: str,
+    transformer_config: dict[str, Any],
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """(transformer, vae, [CLIP-L, CLIP-G, T5], tokenizers) of SD3-class model ``name``
+    (``FLOW_COMPONENTS``) with seeded random weights in ``dtype`` on ``device``; the VAE and the
+    encoders in eval mode without gradients. Both CLIPs carry a projection (their pooled
+    ``text_embeds``), the T5 tokenizer is :func:`snpo.models.tiny_flow.build_t5_tokenizer`'s
+    Unigram vocabulary of :data:`WORDS`."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    from snpo.models import clip_text_config
+    from snpo.models.tiny_flow import build_t5_encoder, build_t5_tokenizer
+
+    vae_cfg, clip_cfgs, t5_cfg, tokens = FLOW_COMPONENTS[name]
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    with _quiet(), torch.device(device):
+        transformer = SD3Transformer2DModel(**transformer_config)
+        vae = AutoencoderKL(**vae_cfg)
+    toks, encs = [], []
+    for j, tc in enumerate(clip_cfgs):
+        tok = tokenizer(tokens)
+        conf = clip_text_config(tok, **{**tc, "max_position_embeddings": tokens})
+        torch.manual_seed(seed + 1 + j)
+        with torch.device(device):
+            encs.append(CLIPTextModelWithProjection(conf))
+        toks.append(tok)
+    t5_tok = build_t5_tokenizer(list(WORDS), max_length=T5_TOKENS)
+    with torch.device(device):
+        t5 = build_t5_encoder(t5_tok, t5_cfg["width"], t5_cfg["layers"], seed=seed + 3)
+    encs.append(t5)
+    toks.append(t5_tok)
+    with _quiet():
+        transformer, vae = transformer.to(dtype), vae.to(dtype)
+    encs = [e.to(dtype) for e in encs]
+    for m in (vae, *encs):
+        m.requires_grad_(False).eval()
+    return transformer, vae, encs, toks

@@ -15,6 +15,7 @@ targets are judged on; a few minutes).
 from __future__ import annotations
 
 import gc
+import math
 import time
 from typing import Any
 
@@ -258,3 +259,40 @@ def test_master_weights_step_updates_bf16_parameters() -> None:
     assert sum(moved) > len(moved) // 2
     for m, p in zip(opt.master, opt.params):
         assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16))
+
+
+def test_sd3_rows_smoke() -> None:
+    """The SD3-class rows on the tiny SD3.5-structured model, two interleaved rounds: the
+    flow-matching reference step (``reference_step.flow_dpo_step``) and the live and cached
+    trainer rows run, restore to ln 2 every step (finite, sane losses) and return positive,
+    finite wall and CPU times; a policy step changes the transformer and the restore undoes it."""
+    sd3 = TC.trainer_groups(False, {"SNPO_BENCH_TRAINER": "sd3"})
+    assert sd3 == list(TC.CPU_SD3_GROUPS) + list(TC.GPU_GROUPS)
+    assert all(TC.MODELS[m].family == "sd3" for m, _ in TC.CPU_SD3_GROUPS)
+    if TC.diffusers_missing():
+        pytest.skip(TC.diffusers_missing())
+    g = TC.Group("tiny-sd3", 2, torch.device("cpu"), torch.float32)
+    assert g.model.family == "sd3" and g.model.in_channels == 16
+    assert g.c_mean.shape == (4, 16, 8, 8) and g.c_ref.shape == (4,)
+    assert torch.isfinite(g.c_ref).all() and (g.c_ref > 0).all()
+    assert g.null.embeds.shape == (1, 16 + 256, 48) and g.null.pooled.shape == (1, 64)
+    steps = g.steps()
+    assert set(steps) == set(TC.ROW_IDS)
+    picked = {rid: steps[rid] for rid in (TC.REFERENCE_ID, TC.BASELINE.id, TC.CACHED_DEFAULT.id)}
+    res = TC.measure_interleaved(
+        picked, g.restorer.restore, g.device, warmup=1, rounds_min=2, rounds_max=2, target_ms=0.0
+    )
+    for rid, rec in res.items():
+        assert rec["error"] is None, (rid, rec["error"])
+        assert len(rec["wall"]) == len(rec["cpu"]) == len(rec["loss"]) == 2
+        assert all(math.isfinite(x) and x > 0 for x in rec["wall"] + rec["cpu"]), rid
+        assert rec["first_ms"] is not None and rec["first_ms"] > 0
+        for loss in rec["loss"]:
+            assert TC.is_sane(loss) and loss == pytest.approx(math.log(2), abs=1e-6), (rid, loss)
+    before = [p.detach().clone() for p in g.unet.parameters()]
+    steps[TC.REFERENCE_ID]()
+    moved = [not torch.equal(a, p) for a, p in zip(before, g.unet.parameters())]
+    assert sum(moved) > len(moved) // 2  # the reference row trains the transformer
+    g.restorer.restore()
+    assert all(torch.equal(a, p) for a, p in zip(before, g.unet.parameters()))
+    g.close()

@@ -24,7 +24,10 @@ gradients. The rows are timed interleaved, in rounds whose order rotates.
 Models: UNet2DConditionModel, AutoencoderKL and CLIP text encoders with random weights from the
 real SD1.5 and SDXL configs (written out here and in ``sd_models.py``: the parameter counts and
 therefore the costs are the real ones; nothing is downloaded); ``sd15-small``, SD1.5's
-structure at reduced width for the CPU rows; two tiny models for the CI subset. Inputs: random
+structure at reduced width for the CPU rows; ``sd35m-small``, SD3.5-Medium's MMDiT structure
+reduced (SD3Transformer2DModel, 16-channel latents, three text encoders; family ``sd3``, whose
+reference row is :func:`benchmarks.reference_step.flow_dpo_step`); tiny models for the CI
+subset and the SD3 smoke test. Inputs: random
 pixels in [-1, 1] and prompts of benchmark words; half the pairs on the null-prompt branch.
 
 Trainer variants, each a row (the baseline is live · fused · batched):
@@ -142,15 +145,66 @@ TINY_SDXL_UNET: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 6 * 8 + 32,
 }
 
+# ---------------------------------------------------------------------------------------------
+# SD3-class transformer configs (SD3Transformer2DModel keyword arguments)
+# ---------------------------------------------------------------------------------------------
+# stable-diffusion-3.5-medium/transformer/config.json as far as we know it (not verified
+# offline: nothing is downloaded): 24 MMDiT blocks of width 24 × 64 = 1536, the first 13 with
+# SD3.5's second (image-only) attention, RMS-norm q/k; 16-channel latents in 2×2 patches
+SD35M_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+# SD3.5-M's structure reduced for the CPU rows: 4 blocks (the first 2 dual-attention, as
+# SD3.5-M's first half) of width 6 × 64 = 384 (head width kept), text width 512 (the reduced
+# T5's), pooled 192 + 320 (the reduced CLIPs'), 256 px → latents 16×32×32 (256 image tokens
+# + 77 + 256 text tokens per row, as SD3.5 at 256 px)
+SD35M_SMALL_TRANSFORMER: dict[str, Any] = {
+    **SD35M_TRANSFORMER,
+    "sample_size": 32,
+    "num_layers": 4,
+    "num_attention_heads": 6,
+    "joint_attention_dim": 512,
+    "caption_projection_dim": 384,
+    "pooled_projection_dim": 512,
+    "pos_embed_max_size": 96,
+    "dual_attention_layers": (0, 1),
+}
+# snpo.models.tiny_flow's transformer shape with SD3.5's options (the smoke test)
+TINY_SD3_TRANSFORMER: dict[str, Any] = {
+    **SD35M_TRANSFORMER,
+    "sample_size": 8,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 48,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 64,
+    "pos_embed_max_size": 16,
+    "dual_attention_layers": (0,),
+}
+SD3_SHIFT = 3.0  # the static shift of SD3.x's FlowMatchEulerDiscreteScheduler config
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     label: str
-    family: str  # "sd" | "sdxl"
-    unet: dict[str, Any]
+    family: str  # "sd" | "sdxl" | "sd3"
+    unet: dict[str, Any]  # the denoiser's config (UNet2DConditionModel / SD3Transformer2DModel)
     latent: tuple[int, int, int]
     text: tuple[int, int]  # (tokens, width) of the prompt embedding
-    pooled: int | None  # SDXL pooled text embedding width
+    pooled: int | None  # SDXL / SD3 pooled text embedding width
     resolution: int  # pixels (time ids)
     gpu_only: bool
 
@@ -210,6 +264,30 @@ MODELS: dict[str, ModelSpec] = {
         16,
         False,
     ),
+    "sd35m-small": ModelSpec(
+        "SD3.5-Medium-structured MMDiT (4 blocks of width 384, 2 dual-attention, RMS q/k norm; "
+        "22.6 M params), 256 px: latent 16×32×32, text 333×512 + pooled 512; SD3's VAE "
+        "structure (16 channels, shift/scale) at ¼ width (5.3 M), CLIP-L/CLIP-G at ¼ width "
+        "and T5 of width 512, 2 layers each (8.3 M)",
+        "sd3",
+        SD35M_SMALL_TRANSFORMER,
+        (16, 32, 32),
+        (77 + 256, 512),
+        512,
+        256,
+        False,
+    ),
+    "tiny-sd3": ModelSpec(
+        "tiny SD3.5-class model (CPU smoke test, 0.09 M params): 16 px, 2× VAE, latent "
+        "16×8×8, text 272×48 + pooled 64",
+        "sd3",
+        TINY_SD3_TRANSFORMER,
+        (16, 8, 8),
+        (16 + 256, 48),
+        64,
+        16,
+        False,
+    ),
 }
 
 # (model, pairs) groups. GPU: SD1.5 at the paper configs' micro-batch (1) and at 8 pairs; SDXL
@@ -220,8 +298,11 @@ GPU_GROUPS: tuple[tuple[str, int], ...] = (("sd15", 1), ("sd15", 8), ("sdxl", 1)
 CPU_GROUPS: tuple[tuple[str, int], ...] = (("tiny-sd", 2), ("tiny-sdxl", 2))
 # the CPU measurement (opt-in, SNPO_BENCH_TRAINER=full: a few minutes on 2 cores)
 CPU_FULL_GROUPS: tuple[tuple[str, int], ...] = (("sd15-small", 2),)
+# the SD3.5-M-structured CPU measurement (opt-in, SNPO_BENCH_TRAINER=sd3); GPU rows of the real
+# SD3.5-M are not written yet (no device was lent)
+CPU_SD3_GROUPS: tuple[tuple[str, int], ...] = (("sd35m-small", 2),)
 # models whose rows are judged against the targets; the tiny rows only check the harness
-TARGET_MODELS = ("sd15-small", "sd15", "sdxl")
+TARGET_MODELS = ("sd15-small", "sd35m-small", "sd15", "sdxl")
 
 # The loss settings: Diff-SNPO (β = 5000, λ = 0.9); lr small (random weights, the value is moot).
 OBJECTIVE, BETA, LAM = "snpo", 5000.0, 0.9
@@ -264,17 +345,18 @@ ROW_IDS: tuple[str, ...] = (REFERENCE_ID, *(v.id for v in VARIANTS))
 
 def trainer_groups(on_gpu: bool, env: dict[str, str] | None = None) -> list[tuple[str, int]]:
     """The (model, pairs) groups this run parametrizes. GPU: the GPU groups. CPU: the tiny
-    groups (``auto``) or the ``sd15-small`` measurement (``full``), plus the GPU groups (skipped
-    with the reason). SNPO_BENCH_TRAINER=none drops all."""
+    groups (``auto``), the ``sd15-small`` measurement (``full``) or the SD3.5-M-structured
+    ``sd35m-small`` one (``sd3``), plus the GPU groups (skipped with the reason).
+    SNPO_BENCH_TRAINER=none drops all."""
     env = dict(os.environ) if env is None else env
     mode = env.get("SNPO_BENCH_TRAINER", "auto") or "auto"
-    if mode not in ("auto", "none", "full"):
-        raise ValueError(f"SNPO_BENCH_TRAINER={mode!r}: choose auto, full or none")
+    if mode not in ("auto", "none", "full", "sd3"):
+        raise ValueError(f"SNPO_BENCH_TRAINER={mode!r}: choose auto, full, sd3 or none")
     if mode == "none":
         return []
     if on_gpu:
         return list(GPU_GROUPS)
-    cpu = CPU_FULL_GROUPS if mode == "full" else CPU_GROUPS
+    cpu = {"full": CPU_FULL_GROUPS, "sd3": CPU_SD3_GROUPS}.get(mode, CPU_GROUPS)
     return list(cpu) + list(GPU_GROUPS)
 
 
@@ -412,19 +494,30 @@ class Group:
 
         spec = MODELS[name]
         self.name, self.spec, self.pairs, self.device, self.dtype = name, spec, pairs, device, dtype
-        unet, vae, encs, toks = SM.build_parts(name, spec.unet, device=device, dtype=dtype)
+        flow = spec.family == "sd3"
+        build = SM.build_flow_parts if flow else SM.build_parts
+        unet, vae, encs, toks = build(name, spec.unet, device=device, dtype=dtype)
         self.unet = unet.train().requires_grad_(True)
         self.num_params = sum(p.numel() for p in self.unet.parameters())
+        if flow:  # as StableDiffusion3Pipeline's folder: its scheduler and T5 length
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SHIFT)
+            extra = {"max_sequence_length": SM.T5_TOKENS}
+        else:
+            scheduler, extra = build_scheduler(), {}
         self.model = DiffusionModel(
             unet=self.unet,
-            scheduler=build_scheduler(),
+            scheduler=scheduler,
             text_encoders=encs,
             tokenizers=toks,
             vae=vae,
             family=spec.family,
             source=f"benchmark:{name}",
             force_zeros_for_empty_prompt=spec.family == "sdxl",
+            extra=extra,
         )
+        self.family = self.model.spec
         if self.model.latent_scale * spec.latent[-1] != spec.resolution:
             raise ValueError(f"{name}: VAE factor × latent size ≠ resolution {spec.resolution}")
         # the frozen reference of a full fine-tune: a copy of the initial weights
@@ -452,7 +545,8 @@ class Group:
         self.c_tid = None
         if spec.family == "sdxl":
             self.c_tid = time_id_rows(torch.cat([size[:, 0], size[:, 1]]), torch.zeros(2 * p, 2), r)
-        sm = StepModels(self.model, None, unet_fn(self.reference), self.null, device, dtype)
+        ref_fn = unet_fn(self.reference, self.family)
+        sm = StepModels(self.model, None, ref_fn, self.null, device, dtype)
         draws = self.draws()
         self.c_ref = reference_errors(sm, self.cached_batch(draws), draws).to("cpu")
         self.opt = MasterAdamW(self.unet.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
@@ -493,8 +587,8 @@ class Group:
         from snpo.step import StepModels, encode_batch, preference_step, unet_fn
 
         live = v.ref == "live"
-        policy = unet_fn(self.unet)
-        reference = unet_fn(self.reference) if live else None
+        policy = unet_fn(self.unet, self.family)
+        reference = unet_fn(self.reference, self.family) if live else None
         if v.branches == "split":
             policy = split_branches(policy, self.uncond_rows)
             reference = None if reference is None else split_branches(reference, self.uncond_rows)
