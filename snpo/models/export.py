@@ -6,11 +6,14 @@ Layout of an export folder:
                                         "transformer.…")
     snpo_export.json                    base model, kind, family, its pipeline and denoiser
                                         classes, null embedding kind, objective, …
+    README.md                           the model card (hub format, :mod:`snpo.models.model_card`)
 The null embedding kind ("empty_prompt" | "zeros") is the one the null-prompt branch was trained
 with; CFG at sampling must use the same one. The pipeline class (``StableDiffusionPipeline``,
 ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``) comes from the
 model's family: the export is loaded into that pipeline built from the base model's folder. Writes are atomic: a new export is assembled in a
 temporary folder and swapped in, so an interrupted write never replaces a good export.
+The same inputs write the same bytes: sorted keys everywhere, the LoRA adapter config's module
+sets as sorted lists, no timestamps.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import torch
 
 from snpo.models.diffusion import DiffusionModel, load_model
 from snpo.models.family import get_family
+from snpo.models.model_card import write_model_card
 
 META_FILE = "snpo_export.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+METRICS_FILE = "metrics.jsonl"  # a trainer run's (snpo.trainer.metrics.METRICS_FILE)
 
 
 class ExportError(RuntimeError):
@@ -59,11 +64,47 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unet)
 
 
+def sorted_adapter_config(config: dict) -> dict:
+    """The PEFT adapter config ``config`` with every set (``target_modules``, …) a sorted list,
+    nested dicts included: diffusers writes ``list(set)``, whose order changes from process to
+    process (string hashing), so the export's bytes would too."""
+
+    def norm(v):
+        if isinstance(v, (set, frozenset)):
+            return sorted(v, key=str)
+        if isinstance(v, dict):
+            return {k: norm(v[k]) for k in sorted(v, key=str)}
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        return v
+
+    return norm(dict(config))
+
+
+def canonical_safetensors(path: str | Path) -> None:
+    """Rewrite the safetensors file ``path`` with its ``__metadata__`` keys sorted: safetensors
+    writes that map in a per-process hash order, so two identical exports would differ in bytes.
+    The tensors (already in a fixed order, offsets relative to the data) are left as they are."""
+    path = Path(path)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    if not meta:
+        return
+    header = {"__metadata__": {k: meta[k] for k in sorted(meta)}, **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
 def write_export(
     out_dir: str | Path, model: DiffusionModel, unet: torch.nn.Module, *, lora: bool, meta: dict
 ) -> Path:
-    """Write the denoiser ``unet`` (full weights, or its LoRA adapter when ``lora``) and the
-    metadata."""
+    """Write the denoiser ``unet`` (full weights, or its LoRA adapter when ``lora``), the
+    metadata (``meta`` on top of what the model says) and the model card ``README.md``. The
+    card's metrics come from ``meta["config"]["output_dir"]``/metrics.jsonl (a trainer run's),
+    up to ``meta["step"]``, when that file exists."""
     from snpo_kernels import __version__
 
     out = Path(out_dir)
@@ -82,8 +123,9 @@ def write_export(
         kw = {f"{part}_lora_layers": weights}
         if f"{part}_lora_adapter_metadata" in inspect.signature(save).parameters:
             config = unet.peft_config.get("default") or next(iter(unet.peft_config.values()))
-            kw[f"{part}_lora_adapter_metadata"] = config.to_dict()
+            kw[f"{part}_lora_adapter_metadata"] = sorted_adapter_config(config.to_dict())
         save(tmp, safe_serialization=True, **kw)
+        canonical_safetensors(tmp / LORA_FILE)
     else:
         unet.save_pretrained(tmp / part, safe_serialization=True)
     family = model.spec
@@ -102,6 +144,8 @@ def write_export(
         **meta,
     }
     (tmp / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+    run_dir = (meta.get("config") or {}).get("output_dir")
+    write_model_card(tmp, info, Path(run_dir) / METRICS_FILE if run_dir else None)
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():

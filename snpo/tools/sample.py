@@ -20,8 +20,14 @@ denoiser of PATH the unconditional branch of model NAME:
 pred = pred_neg(x, ∅) + s·(pred_pos(x, c) − pred_neg(x, ∅)) (ε, or the flow velocity). The
 negative is usually the output of ``snpo merge``; FLUX-class models refuse it.
 
-Output: ``images/<model>/p<prompt>_s<seed>.png``, ``grids/p<prompt>.png`` (one column per model,
-one row per seed) and ``manifest.json`` (model, prompt, seed, guidance, … and file of each image).
+``--guidance 3,7.5`` samples every model at each scale (images then named
+``p<prompt>_s<seed>_g<scale>.png``).
+
+Output: ``images/<model>/p<prompt>_s<seed>.png``, ``grids/p<prompt>.png`` (one column per model
+and guidance scale, one row per seed), ``grids/sheet_000.png``, … (every prompt and seed as a row,
+the prompt's caption wrapped beside it, models × scales as columns, split over sheets of at most
+4096 × 4096 px: :mod:`snpo.tools.grid`) and ``manifest.json`` (model, prompt, seed, guidance, …
+and file of each image).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from pathlib import Path
 import torch
 
 from snpo.atomic import atomic_write_text
-from snpo.data import contact_sheet, save_png
+from snpo.data import save_png
 from snpo.models import (
     DiffusionModel,
     ExportError,
@@ -188,8 +194,25 @@ def parse_seeds(text: str) -> list[int]:
 # ----------------------------------------------------------------------------- sampling
 
 
-def image_name(prompt_index: int, seed: int) -> str:
-    return f"p{prompt_index:04d}_s{seed}.png"
+def image_name(prompt_index: int, seed: int, scale: float | None = None) -> str:
+    """``p0003_s1.png``; with ``scale`` (several guidance scales): ``p0003_s1_g7.5.png``."""
+    tail = "" if scale is None else f"_g{scale:g}"
+    return f"p{prompt_index:04d}_s{seed}{tail}.png"
+
+
+def parse_scales(text: str | None) -> list[float] | None:
+    """ "7.5" → [7.5]; "3,7.5" → [3.0, 7.5]; None → None (each model's default)."""
+    if text is None:
+        return None
+    try:
+        scales = [float(p) for p in str(text).split(",") if p.strip()]
+    except ValueError:
+        raise SampleError(f"--guidance {text!r}: give numbers, e.g. 7.5 or 3,7.5") from None
+    if not scales:
+        raise SampleError(f"--guidance {text!r}: no scale given")
+    if len(set(scales)) != len(scales):
+        raise SampleError(f"--guidance {text!r}: a scale is repeated")
+    return scales
 
 
 def default_guidance(model: DiffusionModel) -> float:
@@ -228,6 +251,13 @@ def check_scheduler(e: Entry, name: str | None, resolution: int) -> str:
     return chosen
 
 
+def _scales(scales: tuple[float, ...] | None) -> float | list[float] | None:
+    """One guidance scale as a number (the manifest's form), several as a list."""
+    if scales is None:
+        return None
+    return scales[0] if len(scales) == 1 else list(scales)
+
+
 def _common(values: list):
     """The value all of ``values`` share, else None."""
     return values[0] if values and all(v == values[0] for v in values) else None
@@ -239,7 +269,7 @@ def run_sampling(
     seeds: list[int],
     out_dir: str | Path,
     *,
-    guidance_scale: float | None = None,
+    guidance_scale: float | list[float] | None = None,
     steps: int = 50,
     scheduler: str | None = None,
     batch_size: int = 8,
@@ -247,30 +277,40 @@ def run_sampling(
     progress: bool = True,
     grids: bool = True,
 ) -> dict:
-    """Generate every (model, prompt, seed) image, the contact sheets and the manifest.
+    """Generate every (model, guidance scale, prompt, seed) image, the grids and the manifest.
 
-    None for ``guidance_scale``, ``scheduler`` or ``resolution``: each model's default
-    (:func:`default_guidance`, its family's sampler, :func:`default_resolution`)."""
+    ``guidance_scale``: one scale or a list (every model at each); None for it, ``scheduler`` or
+    ``resolution``: each model's default (:func:`default_guidance`, its family's sampler,
+    :func:`default_resolution`)."""
     from tqdm.auto import tqdm
 
     from snpo.models import generate
 
     if batch_size < 1:
         raise SampleError("--batch-size must be ≥ 1")
-    plan = {}  # model name → (guidance, scheduler, resolution)
+    given = guidance_scale
+    if given is not None:
+        given = [float(g) for g in (given if isinstance(given, (list, tuple)) else [given])]
+    several = given is not None and len(given) > 1  # then file names carry the scale
+    plan = {}  # model name → (guidance scales, scheduler, resolution)
     for e in entries:
         res = resolution or default_resolution(e.model)
         check_resolution(e.model, res)
-        g = default_guidance(e.model) if guidance_scale is None else float(guidance_scale)
+        g = tuple(given) if given is not None else (default_guidance(e.model),)
         plan[e.name] = (g, check_scheduler(e, scheduler, res), res)
+
+    def name_of(pi: int, s: int, g: float) -> str:
+        return image_name(pi, s, g if several else None)
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items = [(pi, s) for pi in range(len(prompts)) for s in seeds]
     records = []
-    bar = tqdm(total=len(entries) * len(items), desc="sampling", unit="img", disable=not progress)
-    for e in entries:
+    n_images = sum(len(plan[e.name][0]) for e in entries) * len(items)
+    bar = tqdm(total=n_images, desc="sampling", unit="img", disable=not progress)
+    for e, e_guidance in [(x, g) for x in entries for g in plan[x.name][0]]:
         folder = out / "images" / e.name
-        e_guidance, e_scheduler, e_res = plan[e.name]
+        _, e_scheduler, e_res = plan[e.name]
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             cond = encode_prompts(e.model, [prompts[pi] for pi, _ in chunk])
@@ -286,7 +326,7 @@ def run_sampling(
                 scheduler=e_scheduler,
             )
             for (pi, s), img in zip(chunk, imgs):
-                f = save_png(img, folder / image_name(pi, s))
+                f = save_png(img, folder / name_of(pi, s, e_guidance))
                 records.append(
                     {
                         "model": e.name,
@@ -305,30 +345,46 @@ def run_sampling(
                 )
             bar.update(len(chunk))
     bar.close()
-    grid_files = []
+    grid_files, sheet_files = [], []
     if grids:
         from PIL import Image
 
-        for pi, prompt in enumerate(prompts):
-            tiles = [
-                [Image.open(out / "images" / e.name / image_name(pi, s)) for e in entries]
-                for s in seeds
-            ]
-            cols = [e.name + (" (+neg)" if e.negative_unet is not None else "") for e in entries]
-            sheet = contact_sheet(
-                tiles,
-                col_labels=cols,
-                row_labels=[f"seed {s}" for s in seeds],
-                title=prompt[:80],
-            )
+        from snpo.tools.grid import grid_sheets, save_sheets
+
+        columns = [(e, g) for e in entries for g in plan[e.name][0]]
+        headers = [
+            f"{e.name}{' (+neg)' if e.negative_unet is not None else ''} · "
+            f"{'CFG' if e.model.spec.has_null_branch else 'guidance'} {g:g}"
+            for e, g in columns
+        ]
+
+        def tile(pi: int, s: int, e: Entry, g: float) -> Image.Image:
+            with Image.open(out / "images" / e.name / name_of(pi, s, g)) as im:
+                return im.convert("RGB")
+
+        tiles = {(pi, s): [tile(pi, s, e, g) for e, g in columns] for pi, s in items}
+        for pi, prompt in enumerate(prompts):  # one sheet per prompt: a row per seed
+            sheet = grid_sheets(
+                [tiles[pi, s] for s in seeds],
+                row_captions=[f"{prompt}\nseed {s}" for s in seeds],
+                col_headers=headers,
+                max_width=None,
+                max_height=None,
+            )[0]
             g = save_png(sheet, out / "grids" / f"p{pi:04d}.png")
             grid_files.append(
                 {"prompt_index": pi, "prompt": prompt, "file": g.relative_to(out).as_posix()}
             )
+        sheets = grid_sheets(  # every prompt and seed a row, over sheets of bounded size
+            [tiles[pi, s] for pi, s in items],
+            row_captions=[f"{prompts[pi]}\nseed {s}" for pi, s in items],
+            col_headers=headers,
+        )
+        sheet_files = [f.relative_to(out).as_posix() for f in save_sheets(sheets, out / "grids")]
     manifest = {
         "version": 1,
         "settings": {  # a per-model default shared by every model is recorded as such
-            "guidance_scale": _common([p[0] for p in plan.values()]),
+            "guidance_scale": _scales(_common([p[0] for p in plan.values()])),
             "steps": steps,
             "scheduler": _common([p[1] for p in plan.values()]),
             "resolution": resolution,
@@ -341,7 +397,7 @@ def run_sampling(
                 "kind": e.info["kind"],
                 "family": e.info["family"],
                 "null_kind": e.info["null_kind"],
-                "guidance_scale": plan[e.name][0],
+                "guidance_scale": _scales(plan[e.name][0]),
                 "guidance": "cfg" if e.model.spec.has_null_branch else "embedded",
                 "scheduler": plan[e.name][1],
                 "resolution": plan[e.name][2],
@@ -359,6 +415,7 @@ def run_sampling(
         "prompts": prompts,
         "images": records,
         "grids": grid_files,
+        "sheets": sheet_files,
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
@@ -429,9 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", default="0,1,2,3", help="seeds, e.g. 0,1,2,3 or 0-3 (default 0-3)")
     ap.add_argument(
         "--guidance",
-        type=float,
         default=None,
-        help="CFG scale (default 7.5); FLUX-class: the embedded guidance (default: the trained one)",
+        help="CFG scale, or several (3,7.5: one grid column per model and scale; default 7.5); "
+        "FLUX-class: the embedded guidance (default: the trained one)",
     )
     ap.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     ap.add_argument(
@@ -460,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = collect_prompts(args)
         seeds = parse_seeds(args.seeds)
+        scales = parse_scales(args.guidance)
         models, negatives = model_specs(args)
         device = resolve_device(args.device)
         entries = build_entries(
@@ -474,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts,
             seeds,
             args.out,
-            guidance_scale=args.guidance,
+            guidance_scale=scales,
             steps=args.steps,
             scheduler=args.scheduler,
             batch_size=args.batch_size,

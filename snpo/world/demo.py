@@ -123,7 +123,10 @@ def _fmt_logp(p: dict) -> str:
 
 
 def write_grid(images: dict[str, dict], prompts, n_seeds: int, scale: float, path: Path) -> Path:
-    from snpo.data import contact_sheet
+    """Samples before/after at CFG ``scale``: a row per prompt and seed (the prompt beside it),
+    a column per model (:mod:`snpo.tools.grid`). More rows than a sheet holds go on
+    ``grid_001.png``, … next to ``path``."""
+    from snpo.tools.grid import grid_sheets
 
     key = f"{scale:g}"
     names = list(images)
@@ -132,14 +135,15 @@ def write_grid(images: dict[str, dict], prompts, n_seeds: int, scale: float, pat
         for k in range(n_seeds):
             rows.append([images[n][key][i * n_seeds + k] for n in names])
             labels.append(f"{p.text}{' (held out)' if p.heldout else ''}")
-    sheet = contact_sheet(
+    sheets = grid_sheets(
         rows,
-        col_labels=names,
-        row_labels=labels,
-        title=f"CFG {scale:g}: before and after Diff-SNPO",
+        row_captions=labels,
+        col_headers=[f"{n} · CFG {key}" for n in names],
         tile_size=64,
     )
-    sheet.save(path)
+    sheets[0].save(path)
+    for i, sheet in enumerate(sheets[1:], 1):
+        sheet.save(path.with_name(f"{path.stem}_{i:03d}{path.suffix}"))
     return path
 
 

@@ -1,0 +1,142 @@
+"""``snpo plot``: training curves of one or more runs in one PNG.
+
+    snpo plot runs/dpo runs/snpo [--out plot.png]
+
+Each RUN is a trainer output folder holding ``metrics.jsonl`` (or that file itself). Four panels
+against the optimizer step, one line per run: the loss; the implicit accuracy of each branch
+(``accuracy_cond`` solid, ``accuracy_uncond`` dashed: the null-prompt branch); the winner
+log-likelihood proxy ``logp_proxy`` (−m_w: higher is likelier); and the gradient norm. A null
+value (a mean over nothing: no pair of the step on that branch, or no norm reported) and NaN are
+skipped, not drawn as zero; torn lines (a run killed mid-write) are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"  # snpo.trainer.metrics.METRICS_FILE
+# (panel title, [(metrics.jsonl key, line style)])
+PANELS = (
+    ("loss", [("loss", "-")]),
+    ("implicit accuracy (solid: cond, dashed: null branch)", [
+        ("accuracy_cond", "-"),
+        ("accuracy_uncond", "--"),
+    ]),
+    ("winner log-likelihood proxy (−m_w)", [("logp_proxy", "-")]),
+    ("gradient norm", [("grad_norm", "-")]),
+)  # fmt: skip
+
+
+class PlotError(RuntimeError):
+    """A run that cannot be plotted (the message names it)."""
+
+
+def metrics_file(run: str | Path) -> Path:
+    """``run``/metrics.jsonl, or ``run`` when it is that file; PlotError when absent."""
+    p = Path(run)
+    f = p if p.is_file() else p / METRICS_FILE
+    if not f.is_file():
+        raise PlotError(
+            f"{run}: no {METRICS_FILE} (give a trainer output folder, or the file itself)"
+        )
+    return f
+
+
+def read_run(run: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl in file order (torn lines skipped with a warning)."""
+    f = metrics_file(run)
+    out, torn = [], 0
+    for line in f.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+            out.append(rec)
+        else:
+            torn += 1
+    if torn:
+        warnings.warn(f"{f}: skipped {torn} unreadable line(s)", stacklevel=2)
+    return out
+
+
+def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key``, leaving out records where it is null, NaN or absent."""
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            continue
+        xs.append(float(r["step"]))
+        ys.append(float(v))
+    return xs, ys
+
+
+def run_label(run: str | Path) -> str:
+    """A run's legend label: its folder name (the folder above metrics.jsonl for a file)."""
+    p = Path(run)
+    return (p.parent if p.is_file() else p).resolve().name or str(run)
+
+
+def plot_runs(runs: list[str | Path], out: str | Path = "plot.png") -> Path:
+    """Draw the curves of ``runs`` (see the module docstring) into the PNG ``out``."""
+    if not runs:
+        raise PlotError("give at least one RUN folder")
+    data = [(run_label(r), read_run(r)) for r in runs]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        for i, (label, records) in enumerate(data):
+            for key, style in keys:
+                xs, ys = series(records, key)
+                if xs:
+                    name = label if len(keys) == 1 else f"{label} {key.split('_')[-1]}"
+                    ax.plot(xs, ys, style, color=colors[i % len(colors)], label=name, lw=1.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, format="png")
+    plt.close(fig)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="snpo plot", description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", metavar="RUN", help="trainer output folders (metrics.jsonl)")
+    ap.add_argument("--out", default="plot.png", help="the PNG to write (default plot.png)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = plot_runs(args.runs, args.out)
+    except PlotError as err:
+        print(f"snpo plot: error: {err}", file=sys.stderr)
+        return 2
+    print(f"snpo plot: {len(args.runs)} run(s) → {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
