@@ -306,7 +306,11 @@ def open_pairs(
     sources += [OwnPairs(p, **allow) for p in own]
     src = ConcatSource(sources).cap(max_pairs)
     if len(src) == 0:
-        raise EvalError("--pairs: no usable (non-tie) pairs")
+        st = src.stats
+        raise EvalError(
+            f"--pairs: no usable (non-tie) pairs in {', '.join(str(p) for p in paths)}: "
+            f"{st.rows} row(s) read, {st.ties_dropped} of them ties or unlabelled and dropped"
+        )
     return src
 
 

@@ -46,3 +46,13 @@ def test_one_good_pair_is_enough(tmp_path):
     a = write_pickapic_parquet(tmp_path / "mixed.parquet", _rows([0.5, 1.0, 0.5]))
     src = open_source(_cfg(a))
     assert len(src) == 1 and src.stats.ties_dropped == 2
+
+
+def test_eval_all_ties_error_names_the_file(tmp_path):
+    from snpo.tools.preference import EvalError, open_pairs
+
+    a = write_pickapic_parquet(tmp_path / "ties-eval.parquet", _rows([0.5, 0.5]))
+    with pytest.raises(EvalError) as info:
+        open_pairs([str(a)])
+    msg = str(info.value)
+    assert "ties-eval.parquet" in msg and "2 row(s) read, 2 of them ties" in msg
