@@ -5,6 +5,11 @@ processes.
 Tags are ``step_<N>`` in ``output_dir/checkpoints``, written by ``engine.save_checkpoint`` on all
 ranks with the trainer's client state. All randomness is counter-based (:mod:`snpo.draws`), so
 step, weights, optimizer and LR-scheduler state are all a resume needs to continue bit-identically.
+
+With ``ema_decay`` > 0 a tag also holds the fp32 EMA of the trained weights
+(:mod:`snpo.trainer.ema`) as safetensors (no pickle), written atomically before the tag is sealed:
+``snpo_ema.safetensors`` (ZeRO 0–2, by rank 0) or ``snpo_ema_rank<R>.safetensors`` (ZeRO-3, each
+rank its partition; :func:`load_ema` concatenates them, so another number of ranks can resume).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from snpo.trainer.checkpoints import (
 from snpo.trainer.errors import CheckpointWriteError, ResumeError
 
 CHECKPOINT_DIR = "checkpoints"
+EMA_FILE = "snpo_ema.safetensors"
+EMA_RANK_FILE = "snpo_ema_rank{rank:05d}.safetensors"
 
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
@@ -94,6 +101,59 @@ def rebase_position(
     return epoch * batches_per_epoch + new_batch, epoch, skipped
 
 
+def save_ema(tag_dir: Path, ema, dist: DistInfo) -> None:
+    """Write ``ema`` (:class:`snpo.trainer.ema.EMA`) into ``tag_dir`` atomically (module
+    docstring: one file by rank 0, or one partition file per rank under ZeRO-3)."""
+    from safetensors.torch import save
+
+    from snpo.atomic import atomic_write_bytes
+
+    if ema.partitioned:
+        name = EMA_RANK_FILE.format(rank=dist.rank)
+    elif dist.is_main:
+        name = EMA_FILE
+    else:
+        return
+    meta = {
+        "decay": repr(ema.decay),
+        "start_step": str(ema.start_step),
+        "world": str(dist.world),
+        "partitioned": str(ema.partitioned),
+    }
+    data = save({k: v.contiguous() for k, v in ema.state().items()}, metadata=meta)
+    atomic_write_bytes(Path(tag_dir) / name, data)
+
+
+def load_ema(tag_dir: Path, ema) -> None:
+    """Set ``ema`` from the EMA files of ``tag_dir`` (verified with the tag); ResumeError when
+    they are missing or do not fit the trainable parameters."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from snpo.trainer.ema import merge_partitions
+
+    tag_dir = Path(tag_dir)
+    single = tag_dir / EMA_FILE
+    ranks = sorted(tag_dir.glob("snpo_ema_rank*.safetensors"))
+    if not single.is_file() and not ranks:
+        raise ResumeError(
+            f"checkpoint {tag_dir} holds no EMA ({EMA_FILE}) although ema_decay is "
+            f"{ema.decay:g}; resume from a checkpoint written with the EMA, or start a new run"
+        )
+    try:
+        if single.is_file():
+            full = load_file(str(single))
+        else:
+            with safe_open(str(ranks[0]), "pt") as fh:
+                saved_world = int((fh.metadata() or {}).get("world", len(ranks)))
+            if len(ranks) != saved_world:
+                raise ValueError(f"{len(ranks)} partition files of {saved_world} ranks")
+            full = merge_partitions([load_file(str(f)) for f in ranks], ema.shapes())
+        ema.load_full(full)
+    except (ValueError, OSError) as err:
+        raise ResumeError(f"checkpoint {tag_dir}: cannot load its EMA: {err}") from err
+
+
 def trajectory_change(state: dict, cfg: TrainConfig) -> list[str]:
     """The trajectory options that differ between a checkpoint's client state and ``cfg``
     (["unknown"] when the fingerprints differ and the checkpoint records no options); [] when
@@ -126,11 +186,12 @@ class RunCheckpoints:
         tags = complete_tags(self.folder)
         return tags[-1] if tags else "none"
 
-    def save(self, engine, step: int, state: dict) -> None:
-        """Every rank writes its DeepSpeed files, every rank hashes its share of them, rank 0
-        writes the checksum file and then ``latest`` (:mod:`snpo.trainer.checkpoints`). A write
-        that fails (a full disk) removes the partial tag and raises :class:`CheckpointWriteError`;
-        ``latest`` and the older tags are untouched."""
+    def save(self, engine, step: int, state: dict, ema=None) -> None:
+        """Every rank writes its DeepSpeed files (and its EMA file, :func:`save_ema`), every rank
+        hashes its share of them, rank 0 writes the checksum file and then ``latest``
+        (:mod:`snpo.trainer.checkpoints`). A write that fails (a full disk) removes the partial
+        tag and raises :class:`CheckpointWriteError`; ``latest`` and the older tags are
+        untouched."""
         cfg, dist, d = self.cfg, self.dist, self.folder
         tag = tag_name(step)
         if dist.is_main:
@@ -149,6 +210,8 @@ class RunCheckpoints:
                 save_latest=False,
                 exclude_frozen_parameters=self.lora,
             )
+            if ema is not None:
+                save_ema(d / tag, ema, dist)
         except (OSError, RuntimeError) as err:
             shutil.rmtree(d / tag, ignore_errors=True)
             free = shutil.disk_usage(d).free if d.is_dir() else 0

@@ -5,8 +5,10 @@ schedule, the DeepSpeed config and engine.
   frozen copy in the training dtype, outside the engine (never touched by ZeRO or by
   ``load_checkpoint``). LoRA checkpoints exclude the frozen base weights, so a resume cannot move
   the reference either; :func:`reference_fingerprint` is compared before/after every resume.
-- The optimizer (torch AdamW) and LR scheduler (torch LambdaLR) are objects passed to
-  ``deepspeed.initialize`` (no fused_adam JIT on the CPU).
+- The optimizer (``optimizer``: torch AdamW, transformers' Adafactor or bitsandbytes' 8-bit
+  AdamW, :func:`build_optimizer`) and LR scheduler (torch LambdaLR) are objects passed to
+  ``deepspeed.initialize`` (no fused_adam JIT on the CPU); ZeRO-Offload (``offload_optimizer``,
+  ``offload_param``) is an entry of the DeepSpeed config (:func:`offload_config`).
 """
 
 from __future__ import annotations
@@ -239,19 +241,46 @@ def clips_itself(cfg: TrainConfig) -> bool:
     return cfg.zero_stage == 0 and cfg.precision == "fp32"
 
 
+def offload_config(cfg: TrainConfig) -> dict:
+    """The ``zero_optimization`` entries of ZeRO-Offload / ZeRO-Infinity (validated in
+    :mod:`snpo.config`: the optimizer offload from stage 1, nvme and the weight offload at stage 3
+    only): ``offload_optimizer`` moves the fp32 master weights and optimizer states (and their
+    step) to CPU memory or an NVMe folder, ``offload_param`` ZeRO-3's weight partitions. CPU
+    buffers are pinned (faster copies) except on the CPU accelerator, which has nothing to pin
+    for."""
+    pin = torch.cuda.is_available()
+    out: dict = {}
+    for key, device in (
+        ("offload_optimizer", cfg.offload_optimizer),
+        ("offload_param", cfg.offload_param),
+    ):
+        if device == "none":
+            continue
+        entry: dict = {"device": device, "pin_memory": pin}
+        if device == "nvme":
+            entry["nvme_path"] = str(cfg.offload_nvme_path)
+        out[key] = entry
+    return out
+
+
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
-    """The DeepSpeed config dict: batch sizes, ZeRO stage, clipping, bf16/fp16 (no optimizer or
-    scheduler entries: those are torch objects)."""
+    """The DeepSpeed config dict: batch sizes, ZeRO stage and offload, clipping, bf16/fp16 (no
+    optimizer or scheduler entries: those are torch objects). With an offload the client
+    optimizer runs on the CPU copies (``zero_force_ds_cpu_optimizer`` off: DeepSpeed would
+    otherwise insist on its own CPU Adam)."""
     micro, accum = cfg.train_batch_size_per_gpu, cfg.gradient_accumulation_steps
+    zero: dict = {"stage": cfg.zero_stage, **offload_config(cfg)}
     conf: dict = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if "offload_optimizer" in zero:
+        conf["zero_force_ds_cpu_optimizer"] = False
     if cfg.max_grad_norm > 0 and not clips_itself(cfg):
         conf["gradient_clipping"] = cfg.max_grad_norm
     if cfg.precision == "bf16":
@@ -261,20 +290,62 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     return conf
 
 
-def init_engine(cfg: TrainConfig, unet: torch.nn.Module, world: int, *, universal: bool):
-    """``deepspeed.initialize`` of the trainable denoiser with AdamW and the LR schedule; universal:
-    load a universal checkpoint (:mod:`snpo.trainer.universal`). → (engine, learning rate)."""
-    import deepspeed
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float):
+    """The ``optimizer`` over ``params`` at learning rate ``lr``.
 
-    params = [p for p in unet.parameters() if p.requires_grad]
-    lr = effective_lr(cfg, world)
-    opt = torch.optim.AdamW(
+    adamw: torch AdamW (β1, β2, ε, decoupled weight decay); two fp32 moments m, v per weight.
+    adafactor: transformers' Adafactor with ``relative_step``, ``scale_parameter`` and
+    ``warmup_init`` off, so the step size is ``lr`` (and the LR schedule) as for AdamW, with
+    ``clip_threshold`` 1 and the weight decay, as DiffusionDPO trains SDXL; no first moment
+    (β1 None) and, for an r × c matrix, a factored second moment V ≈ R·Cᵀ / ΣR of r + c floats —
+    at ZeRO-0 fp32 only: DeepSpeed's bf16/fp16 and ZeRO optimizers pass flat fp32 partitions,
+    whose second moment is not factored (4 bytes per parameter).
+    adamw8bit: bitsandbytes' AdamW8bit (m and v block-quantised to 8 bits)."""
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params,
+            lr=lr,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+            clip_threshold=1.0,
+            weight_decay=cfg.weight_decay,
+        )
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ConfigError(
+                "optimizer: adamw8bit needs bitsandbytes, which cannot be imported "
+                f"({err}); pip install bitsandbytes, or use optimizer: adamw / adafactor"
+            ) from err
+        return bnb.optim.AdamW8bit(
+            params,
+            lr=lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.AdamW(
         params,
         lr=lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
     )
+
+
+def init_engine(cfg: TrainConfig, unet: torch.nn.Module, world: int, *, universal: bool):
+    """``deepspeed.initialize`` of the trainable denoiser with the optimizer
+    (:func:`build_optimizer`) and the LR schedule; universal: load a universal checkpoint
+    (:mod:`snpo.trainer.universal`). → (engine, learning rate)."""
+    import deepspeed
+
+    params = [p for p in unet.parameters() if p.requires_grad]
+    lr = effective_lr(cfg, world)
+    opt = build_optimizer(cfg, params, lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     conf = deepspeed_config(cfg, world)
     if universal:
