@@ -259,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budget",
         default="default",
-        choices=["default", "protocol", "quick"],
-        help="default: fits 30 min on 2 CPU cores; protocol: docs/world.md's full protocol; "
-        "quick: a smoke run of every job",
+        choices=["default", "evidence", "protocol", "quick"],
+        help="default: fits 30 min on 2 CPU cores; evidence: the default training with rewards "
+        "along the whole CFG curve (1, 2, 3, 5, 7.5, 10), for 8+ seeds; protocol: docs/world.md's "
+        "full protocol; quick: a smoke run of every job. Seeds and runs are additive: a rerun "
+        "into the same --out reuses finished jobs",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="override the budget's steps")

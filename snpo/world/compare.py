@@ -72,6 +72,9 @@ BUDGETS: dict[str, Budget] = {
     "default": Budget(100, 16, 16, 1, 20, SCALES, 384, 1),
     # the protocol of docs/world.md as first written (~2 h on 2 cores; minutes on a GPU)
     "protocol": Budget(300, 16, 16, 2, 20, SCALES, None, 4),
+    # the evidence runs: the default training budget, rewards along the whole CFG curve (meant
+    # for ≥ 8 seeds of the headline runs; docs/world.md has its time)
+    "evidence": Budget(100, 16, 16, 1, 20, (1.0, 2.0, 3.0, 5.0, 7.5, 10.0), 384, 1),
     # a smoke run of every job (tests, CI)
     "quick": Budget(4, 2, 2, 1, 3, (3.0,), 16, 1),
 }
@@ -218,13 +221,16 @@ def run_names(runs: list[str] | None) -> list[str]:
 
 
 def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
-    """A rerun into ``out`` resumes only with the same settings; otherwise refuse, naming what
-    differs (or clear it with ``overwrite``)."""
+    """A rerun into ``out`` resumes only with the same budget and alignment settings; otherwise
+    refuse, naming what differs (or clear it with ``overwrite``). Seeds and runs are additive: a
+    rerun with more seeds or other runs reuses every finished job and adds the rest."""
     path = out / "settings.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    additive = ("seeds", "runs")
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in additive}
     settings = json.loads(json.dumps(settings))  # as stored: tuples are lists
+    settings = {k: v for k, v in settings.items() if k not in additive}
     if old == settings:
         return
     if overwrite:

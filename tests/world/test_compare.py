@@ -25,6 +25,15 @@ def test_other_settings_are_refused_naming_the_field(tmp_path):
     assert not tmp_path.exists()
 
 
+def test_more_seeds_and_other_runs_resume_the_same_comparison(tmp_path):
+    settings = {"seeds": [0, 1], "runs": ["dpo"], "budget": {"steps": 4}, "align": {"a": 1}}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    more = {**settings, "seeds": [0, 1, 2, 3], "runs": ["dpo", "snpo"]}
+    check_settings(tmp_path, more, overwrite=False)  # additive: no refusal
+    with pytest.raises(SystemExit, match="align"):
+        check_settings(tmp_path, {**more, "align": {"a": 2}}, overwrite=False)
+
+
 @pytest.mark.slow
 def test_quick_comparison_end_to_end_and_resume(tmp_path):
     out = tmp_path / "cmp"
