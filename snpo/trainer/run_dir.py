@@ -24,7 +24,7 @@ from snpo.trainer.checkpoints import inside
 
 RUN_FILE = "run.json"
 LOCK_NAME = ".lock"
-RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "export", "tb", RUN_FILE)
+RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "export", "export-raw", "tb", "samples", RUN_FILE)
 
 
 class RunFolderError(RuntimeError):
