@@ -273,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="same as --budget quick")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser(
+        "paired", help="paired differences and the CFG curve of a finished comparison's results"
+    )
+    p.add_argument("out", help="a comparison folder (its results.json)")
+    p.set_defaults(func=cmd_paired)
+
     p = sub.add_parser("compare-flow", help="dpo/bdpo/snpo_naive/snpo on the flow base")
     p.add_argument("--out", default="runs/compare-flow")
     p.add_argument("--budget", default="default", choices=["default", "quick"])
@@ -288,6 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="runs/world", help="scratch folder (runs/world)")
     p.set_defaults(func=cmd_assets)
     return ap
+
+
+def cmd_paired(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .compare import write_paired
+
+    out = Path(args.out)
+    path = out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: run `python -m snpo.world compare` first")
+    results = json.loads(path.read_text())
+    write_paired(out, results, list(results["runs"]))
+    print((out / "paired.md").read_text() if (out / "paired.md").is_file() else "one seed only")
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

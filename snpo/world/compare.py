@@ -397,8 +397,20 @@ def compare(
     _write_json(out / "results.json", results)
     (out / "results.md").write_text(results_table(results))
     plot_curves(results, out / "curves.png")
+    write_paired(out, results, names)
     write_grid(out, seeds[0], budget, out / "grid.png", names)
     return results
+
+
+def write_paired(out: Path, results: dict, names: list[str]) -> None:
+    """``paired.md`` (paired differences with intervals, the CFG curve) and ``cfg_curve.png``
+    beside results.json (:mod:`snpo.world.paired`); needs ≥ 2 seeds."""
+    from snpo.world.paired import plot_cfg_curve, report
+
+    if len(results["settings"]["seeds"]) < 2:
+        return
+    atomic_write_text(out / "paired.md", report(results, names))
+    plot_cfg_curve(results, names, out / "cfg_curve.png")
 
 
 def record_invocation(out: Path, entry: dict) -> list[dict]:
