@@ -5,8 +5,11 @@ snpo cache   precompute latents, text embeddings and reference errors
 snpo sample  images from a trained model (CFG; Diffusion-NPO negative model)
 snpo merge   Diffusion-NPO weight merging
 snpo eval    implicit accuracy and reward scores
+snpo plot    training curves (loss, accuracy per branch, logp proxy, grad norm) of runs
 snpo world   the small synthetic preference world
 snpo demo    the embedded default demo
+snpo estimate  per-GPU memory of a config for each ZeRO stage and offload
+snpo data    data tools: ``stats PATHS`` (rows, ties, usable pairs, image sizes), ``synth DIR``
 
 Under the deepspeed launcher (``deepspeed --module snpo.cli cache ...``) a leading
 ``--local_rank=N`` is skipped.
@@ -23,8 +26,11 @@ COMMANDS = {
     "sample": "snpo.tools.sample",
     "merge": "snpo.tools.merge",
     "eval": "snpo.tools.evaluate",
+    "plot": "snpo.tools.plot",
     "world": "snpo.world.__main__",
     "demo": "snpo.world.demo",
+    "estimate": "snpo.tools.estimate",
+    "data": "snpo.data.__main__",
 }
 
 

@@ -102,6 +102,14 @@ NON_TRAJECTORY_FIELDS = frozenset(
         "ref_mode",
         "cache_dir",
         "cache_use",
+        "offload_nvme_path",  # where the nvme offload lives, not what is computed
+        # validation images are sampled outside the trajectory (snpo.trainer.validation)
+        "validation_prompts",
+        "validation_every",
+        "validation_cfg",
+        "validation_steps",
+        "validation_seed",
+        "validation_negative",
     }
 )
 
@@ -170,6 +178,17 @@ class TrainConfig:
     )
     data_split: str = _f("train", "split of a hub dataset")
     max_train_pairs: int | None = _f(None, "use only the first N (non-tie) pairs")
+    data_order: Literal["global", "windowed"] = _f(
+        "global",
+        "pair order per epoch: global (every pair shuffled: one parquet row-group read per "
+        "pair) or windowed (row groups shuffled, pairs shuffled within data_window_row_groups "
+        "of them: each row group read once; for Pick-a-Pic-scale parquet)",
+    )
+    data_window_row_groups: int = _f(
+        8,
+        "windowed order: row groups shuffled together and kept per DataLoader worker (larger: "
+        "better shuffle, more memory: about K × 33 MB per worker for Pick-a-Pic)",
+    )
     resolution: int = _f(512, "training resolution (pixels, square)")
     random_crop: bool = _f(False, "random crop (else center crop) after resizing the shorter side")
     random_flip: bool = _f(
@@ -193,7 +212,7 @@ class TrainConfig:
         "context projections, see snpo/configs/sd35m_snpo_lora.yaml)",
     )
     # --- optimisation ------------------------------------------------------------------
-    learning_rate: float = _f(1e-5, "AdamW learning rate (before scale_lr)")
+    learning_rate: float = _f(1e-5, "the optimizer's learning rate (before scale_lr)")
     scale_lr: bool = _f(
         False,
         "multiply learning_rate by the effective batch (micro × accum × world), as DiffusionDPO",
@@ -207,6 +226,20 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW ε")
     weight_decay: float = _f(1e-2, "AdamW weight decay (DiffusionDPO: 1e-2)")
     max_grad_norm: float = _f(1.0, "gradient clipping (DeepSpeed gradient_clipping); 0 = off")
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = _f(
+        "adamw",
+        "adamw (torch), adafactor (transformers', factored second moment, fixed learning_rate: "
+        "relative_step/scale_parameter/warmup_init off, as DiffusionDPO's SDXL runs) or "
+        "adamw8bit (bitsandbytes' 8-bit moments; needs bitsandbytes)",
+    )
+    ema_decay: float = _f(
+        0.0,
+        "EMA of the trained weights, ema ← d·ema + (1 − d)·θ after every optimizer step, in "
+        "fp32; export/ is then the EMA and export-raw/ the raw weights; 0 = off, in [0, 1)",
+    )
+    ema_start_step: int = _f(
+        0, "optimizer steps during which the EMA just copies the weights before averaging"
+    )
     max_steps: int = _f(1000, "optimizer steps to train")
     train_batch_size_per_gpu: int = _f(1, "preference pairs per micro-batch and process")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
@@ -214,6 +247,17 @@ class TrainConfig:
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage: 0, 1, 2 or 3")
     precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "training precision (fp16 needs CUDA; bf16 works on CPU)"
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = _f(
+        "none",
+        "DeepSpeed ZeRO-Offload of the fp32 master weights and optimizer states (zero_stage ≥ 1; "
+        "nvme: zero_stage 3 and offload_nvme_path)",
+    )
+    offload_param: Literal["none", "cpu", "nvme"] = _f(
+        "none", "DeepSpeed ZeRO-3 offload of the partitioned weights (zero_stage 3 only)"
+    )
+    offload_nvme_path: str | None = _f(
+        None, "a folder on a local NVMe drive for the nvme offloads (DeepSpeed's nvme_path)"
     )
     gradient_checkpointing: bool = _f(False, "denoiser (UNet / transformer) gradient checkpointing")
     attention: Literal["sdpa", "xformers"] = _f(
@@ -297,6 +341,29 @@ class TrainConfig:
     debug_fail_rank: int = _f(0, "test hook: the rank that debug_fail_at_step makes fail")
     debug_freeze_at_step: int | None = _f(
         None, "test hook: the last rank stops itself (SIGSTOP) at this step (checks dist_timeout_s)"
+    )
+    # --- validation (snpo.trainer.validation; docs/trainer.md "Validation images") -------
+    validation_prompts: str | list[str] = _f(
+        [],
+        "prompts of the validation grid: a list, or a text file with one prompt per line; "
+        "[] = no validation",
+    )
+    validation_every: int = _f(
+        0,
+        "sample the grid into output_dir/samples/step_<N>.png every N steps, at step 0 of a "
+        "fresh run and at the end (0 = off)",
+    )
+    validation_cfg: list[float] = _f(
+        [1.0, 7.5], "guidance scales of the grid's columns (each > 0; 1 = no CFG)"
+    )
+    validation_steps: int = _f(25, "sampler steps per validation image (the family's sampler)")
+    validation_seed: int = _f(
+        0, "prompt i's initial noise is seeded validation_seed + i (the same at every validation)"
+    )
+    validation_negative: str | None = _f(
+        None,
+        "a negative model (export or model folder) as the grid's unconditional branch "
+        "(Diffusion-NPO); null = the policy's own null branch",
     )
 
     # ------------------------------------------------------------------------------------
@@ -563,6 +630,10 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
         raise ConfigError(f"log_every: must be ≥ 1, got {cfg.log_every}")
     if cfg.max_train_pairs is not None and cfg.max_train_pairs < 1:
         raise ConfigError(f"max_train_pairs: must be ≥ 1, got {cfg.max_train_pairs}")
+    if isinstance(cfg.data_window_row_groups, bool) or cfg.data_window_row_groups < 1:
+        raise ConfigError(
+            f"data_window_row_groups: must be an integer ≥ 1, got {cfg.data_window_row_groups!r}"
+        )
     if not isinstance(cfg.allow_outside_paths, bool):
         raise ConfigError(
             f"allow_outside_paths: must be true or false, got {cfg.allow_outside_paths!r}"
@@ -601,7 +672,9 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     if cfg.weighting == "elbo" and cfg.objective == "sft":
         raise ConfigError("weighting: elbo applies to preference objectives, not sft")
     _validate_cache_options(cfg)
+    _validate_memory_options(cfg)
     _validate_system(cfg)
+    _validate_validation(cfg, check_files=check_files)
     if check_files:
         _validate_files(cfg)
 
@@ -640,6 +713,86 @@ def _validate_cache_options(cfg: TrainConfig) -> None:
                 "cache_use: sft reads no reference errors; with ref_mode 'cache' name latents "
                 "and/or text"
             )
+
+
+def _validate_memory_options(cfg: TrainConfig) -> None:
+    """EMA, optimizer choice and ZeRO-Offload (the stages DeepSpeed supports them at)."""
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay: must lie in [0, 1) (0 = no EMA), got {cfg.ema_decay}")
+    if cfg.ema_start_step < 0:
+        raise ConfigError(f"ema_start_step: must be ≥ 0, got {cfg.ema_start_step}")
+    if cfg.optimizer == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                "optimizer: adamw8bit needs bitsandbytes, which is not installed "
+                "(pip install bitsandbytes), or use optimizer: adamw / adafactor"
+            )
+    if cfg.offload_optimizer != "none" and cfg.zero_stage == 0:
+        raise ConfigError(
+            f"offload_optimizer: {cfg.offload_optimizer} needs a ZeRO optimizer (zero_stage 1, 2 "
+            "or 3); zero_stage is 0"
+        )
+    if cfg.offload_optimizer == "nvme" and cfg.zero_stage != 3:
+        raise ConfigError(
+            f"offload_optimizer: nvme is ZeRO-Infinity, zero_stage 3 only (zero_stage is "
+            f"{cfg.zero_stage}); use offload_optimizer: cpu"
+        )
+    if cfg.offload_param != "none" and cfg.zero_stage != 3:
+        raise ConfigError(
+            f"offload_param: {cfg.offload_param} offloads ZeRO-3's partitioned weights; it needs "
+            f"zero_stage 3 (zero_stage is {cfg.zero_stage})"
+        )
+    if cfg.ema_decay > 0 and cfg.offload_param == "nvme":
+        raise ConfigError(
+            "ema_decay: the EMA averages the weight partitions each step, which offload_param: "
+            "nvme keeps on disk; use offload_param: cpu (or none) with an EMA"
+        )
+    nvme = "nvme" in (cfg.offload_optimizer, cfg.offload_param)
+    if nvme and not cfg.offload_nvme_path:
+        raise ConfigError("offload_nvme_path: an nvme offload needs a folder on a local NVMe drive")
+    if cfg.offload_nvme_path and not nvme:
+        raise ConfigError(
+            "offload_nvme_path: set, but neither offload_optimizer nor offload_param is nvme"
+        )
+
+
+def _validate_validation(cfg: TrainConfig, *, check_files: bool) -> None:
+    """The validation images' options (:mod:`snpo.trainer.validation`)."""
+    if cfg.validation_every < 0:
+        raise ConfigError(
+            f"validation_every: must be ≥ 0 (0 = no validation images), got {cfg.validation_every}"
+        )
+    if cfg.validation_every and not cfg.validation_prompts:
+        raise ConfigError(
+            f"validation_prompts: validation_every is {cfg.validation_every} but no prompt is "
+            "given (a list of prompts or a text file with one per line)"
+        )
+    if not cfg.validation_cfg:
+        raise ConfigError("validation_cfg: give at least one guidance scale, e.g. [1.0, 7.5]")
+    bad = [s for s in cfg.validation_cfg if not 0.0 < s < float("inf")]
+    if bad:
+        raise ConfigError(f"validation_cfg: every guidance scale must be > 0 and finite, got {bad}")
+    if cfg.validation_steps < 1:
+        raise ConfigError(f"validation_steps: must be ≥ 1, got {cfg.validation_steps}")
+    if isinstance(cfg.validation_prompts, list) and not all(
+        p.strip() for p in cfg.validation_prompts
+    ):
+        raise ConfigError("validation_prompts: a prompt is empty")
+    if not check_files:
+        return
+    prompts_file = cfg.validation_prompts if isinstance(cfg.validation_prompts, str) else ""
+    if prompts_file and not os.path.isfile(prompts_file):
+        raise ConfigError(
+            f"validation_prompts: the prompts file {cfg.validation_prompts!r} does not exist "
+            "(give a text file with one prompt per line, or a list of prompts)"
+        )
+    if cfg.validation_negative and not os.path.isdir(cfg.validation_negative):
+        raise ConfigError(
+            f"validation_negative: {cfg.validation_negative!r} is not a folder (give an snpo "
+            "export or a diffusers model folder)"
+        )
 
 
 def _cuda_available() -> bool:

@@ -4,9 +4,14 @@ Every source keeps only non-tie pairs, winner first (:mod:`snpo.data.schema`); a
 is its position among the kept pairs in file order, stable across runs. Images come back
 undecoded (bytes, a PIL image, None or a checked path) for :func:`snpo.data.decode.decode_image`.
 
-- :class:`PickapicParquet`: Pick-a-Pic-style parquet files. Only the label columns are read up
-  front; image bytes are read one row group at a time (one cached per worker), so ~1M rows in
-  645 files never sit in memory at once.
+- :class:`PickapicParquet`: Pick-a-Pic-style parquet files. Only the footers and the label
+  columns are read up front; image bytes are read one row group at a time (the last
+  ``row_group_cache`` of them cached per worker: 1, or K for the windowed order), so ~1M rows
+  in 645 files never sit in memory at once.
+
+Every source has ``row_groups()``: (n,) the id of the row group each pair is read with — what
+the windowed order (:mod:`snpo.data.locality`) keeps together; a source read pair by pair
+(own pairs, hub datasets) gives every pair its own id.
 - :class:`HubPairs`: a Pick-a-Pic-schema dataset through ``datasets`` (hub id or local folder).
 - :class:`OwnPairs`: JSONL or CSV with ``winner``, ``loser``, ``prompt`` (image paths).
 - :class:`ConcatSource`: several sources one after another; :func:`open_source` builds it from
@@ -25,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from snpo.data.errors import DataError
+from snpo.data.locality import RowGroupCache
 from snpo.data.paths import PathGuard
 from snpo.data.schema import (
     HAS_LABEL_COLUMN,
@@ -54,14 +60,29 @@ def _column_where(pair: str, column: str) -> str:
     return f"{pair}, column {column}"
 
 
+def open_parquet(path: str, *, pre_buffer: bool = True):
+    """A ``pyarrow.parquet.ParquetFile`` of ``path`` (reads its footer: the last 64 KiB). Every
+    parquet read of the sources goes through here, so a test or benchmark can count the bytes
+    read. ``pre_buffer`` coalesces the column chunks of a read into few large reads (gaps under
+    8 KiB are read too): right for a row group's images; the label read at start-up turns it
+    off so that it reads the label chunks alone, not the small columns around them."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path, pre_buffer=pre_buffer)
+
+
 class PickapicParquet:
-    """Pick-a-Pic-style parquet files read lazily by row group."""
+    """Pick-a-Pic-style parquet files read lazily by row group; the last ``row_group_cache``
+    row groups read are kept (per process or DataLoader worker)."""
 
     def __init__(
-        self, files: list[str], max_pairs: int | None = None, *, allow_outside_paths: bool = False
+        self,
+        files: list[str],
+        max_pairs: int | None = None,
+        *,
+        allow_outside_paths: bool = False,
+        row_group_cache: int = 1,
     ) -> None:
-        import pyarrow.parquet as pq
-
         if not files:
             raise DataError("train_data: no parquet files given")
         self.files = [str(f) for f in files]
@@ -69,11 +90,12 @@ class PickapicParquet:
             PathGuard(Path(f).parent, allow_outside=allow_outside_paths) for f in self.files
         ]
         self.stats = SourceStats()
-        file_ids, rows, swaps = [], [], []
+        file_ids, rows, swaps, groups = [], [], [], []
         self._rg_starts: list[list[int]] = []
+        group_base = 0
         for fid, path in enumerate(self.files):
             try:
-                pf = pq.ParquetFile(path)
+                pf = open_parquet(path, pre_buffer=False)
             except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
                 raise DataError(f"train_data: cannot read parquet file {path!r}: {err}") from err
             names = set(pf.schema_arrow.names)
@@ -92,46 +114,52 @@ class PickapicParquet:
             file_ids.append(np.full(len(r), fid, dtype=np.int32))
             rows.append(r)
             swaps.append(swap)
-            self._rg_starts.append(_row_group_starts(pf.metadata))
+            starts = _row_group_starts(pf.metadata)
+            self._rg_starts.append(starts)
+            local = np.searchsorted(np.asarray(starts, dtype=np.int64), r, side="right") - 1
+            groups.append((group_base + local).astype(np.int64))
+            group_base += len(starts)
         self.file_ids = np.concatenate(file_ids)
         self.rows = np.concatenate(rows)
         self.swap = np.concatenate(swaps)
+        self._groups = np.concatenate(groups)
+        self._group_base = np.cumsum([0] + [len(s) for s in self._rg_starts]).tolist()
         if max_pairs is not None:
             self.file_ids, self.rows = self.file_ids[:max_pairs], self.rows[:max_pairs]
-            self.swap = self.swap[:max_pairs]
+            self.swap, self._groups = self.swap[:max_pairs], self._groups[:max_pairs]
         self.stats.kept = len(self.rows)
         self.stats.swapped = int(self.swap.sum())
         self._pf: dict[int, object] = {}
-        self._cache_key: tuple[int, int] | None = None
-        self._cache = None
+        self.cache = RowGroupCache(row_group_cache)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getstate__(self) -> dict:  # DataLoader workers reopen files themselves
         d = dict(self.__dict__)
-        d["_pf"], d["_cache_key"], d["_cache"] = {}, None, None
+        d["_pf"], d["cache"] = {}, RowGroupCache(self.cache.capacity)
         return d
 
-    def _row_group(self, fid: int, rg: int):
-        if self._cache_key != (fid, rg):
-            import pyarrow.parquet as pq
+    def row_groups(self) -> np.ndarray:
+        """(n,) int64: the row group of each pair, numbered over all files in order."""
+        return self._groups
 
+    def _row_group(self, fid: int, rg: int):
+        def read():
             if fid not in self._pf:
-                self._pf[fid] = pq.ParquetFile(self.files[fid])
-            self._cache = self._pf[fid].read_row_group(rg, columns=[PROMPT_COLUMN, *IMAGE_COLUMNS])
-            self._cache_key = (fid, rg)
-        return self._cache
+                self._pf[fid] = open_parquet(self.files[fid])
+            return self._pf[fid].read_row_group(rg, columns=[PROMPT_COLUMN, *IMAGE_COLUMNS])
+
+        return self.cache.get((fid, rg), read)
 
     def describe(self, i: int) -> str:
         return f"pair {i} (row {int(self.rows[i])} of {self.files[int(self.file_ids[i])]})"
 
     def get(self, i: int) -> Pair:
         fid, row = int(self.file_ids[i]), int(self.rows[i])
-        starts = self._rg_starts[fid]
-        rg = bisect.bisect_right(starts, row) - 1
+        rg = int(self._groups[i]) - self._group_base[fid]
         table = self._row_group(fid, rg)
-        k = row - starts[rg]
+        k = row - self._rg_starts[fid][rg]
         caption = table.column(PROMPT_COLUMN)[k].as_py() or ""
         a, b = (
             cell_image(
@@ -192,6 +220,10 @@ class HubPairs:
 
     def describe(self, i: int) -> str:
         return f"pair {i} (row {int(self.rows[i])} of {self.name})"
+
+    def row_groups(self) -> np.ndarray:
+        """(n,): each pair its own group (an arrow-backed dataset reads rows one by one)."""
+        return np.arange(len(self), dtype=np.int64)
 
     def get(self, i: int) -> Pair:
         row = self.ds[int(self.rows[i])]
@@ -258,6 +290,10 @@ class OwnPairs:
         _, w, lo = self.records[i]
         return f"pair {i} ({w} vs {lo} in {self.path})"
 
+    def row_groups(self) -> np.ndarray:
+        """(n,): each pair its own group (its images are separate files)."""
+        return np.arange(len(self), dtype=np.int64)
+
     def get(self, i: int) -> Pair:
         return self.records[i]
 
@@ -283,6 +319,18 @@ class ConcatSource:
             self.offsets = [min(o, max_pairs) for o in self.offsets]
             self.stats.kept = max_pairs
         return self
+
+    def row_groups(self) -> np.ndarray:
+        """(n,) int64: each part's row groups, renumbered so that no two parts share an id (a
+        part without ``row_groups`` gives each pair its own); cut at :meth:`cap`."""
+        out, base = [], 0
+        for s, lo, hi in zip(self.sources, self.offsets[:-1], self.offsets[1:], strict=True):
+            n = hi - lo
+            g = s.row_groups()[:n] if hasattr(s, "row_groups") else np.arange(n)
+            g = np.asarray(g, dtype=np.int64)
+            out.append(base + g)
+            base += int(g.max()) + 1 if n else 0
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def _locate(self, i: int):
         j = bisect.bisect_right(self.offsets, i) - 1
@@ -316,7 +364,8 @@ def _format_of(item: str, data_format: str) -> str:
 def open_source(cfg) -> ConcatSource:
     """The pair source of ``cfg.train_data`` (see TrainConfig.data_format): all parquet files
     first (one :class:`PickapicParquet`), then the other items in order, cut at
-    ``cfg.max_train_pairs``."""
+    ``cfg.max_train_pairs``. With ``data_order: windowed`` each reader keeps the last
+    ``data_window_row_groups`` row groups (one otherwise)."""
     from snpo.config import expand_data_files
 
     sources = []
@@ -331,8 +380,16 @@ def open_source(cfg) -> ConcatSource:
         else:
             sources.append(HubPairs(item, cfg.data_split, allow_outside_paths=allow))
     if parquet:
-        sources.insert(0, PickapicParquet(parquet, allow_outside_paths=allow))
+        keep = 1
+        if getattr(cfg, "data_order", "global") == "windowed":
+            keep = int(cfg.data_window_row_groups)
+        sources.insert(0, PickapicParquet(parquet, allow_outside_paths=allow, row_group_cache=keep))
     src = ConcatSource(sources).cap(cfg.max_train_pairs)
     if len(src) == 0:
-        raise DataError("train_data: no usable (non-tie) pairs found")
+        st, names = src.stats, ", ".join(expand_data_files(cfg.train_data))
+        raise DataError(
+            f"train_data: no usable (non-tie) pairs in {names}: {st.rows} row(s) read, "
+            f"{st.ties_dropped} of them ties or unlabelled (label_0 neither 0 nor 1, or has_label "
+            "false) and dropped"
+        )
     return src

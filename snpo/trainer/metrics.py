@@ -185,6 +185,18 @@ class MetricsLogger:
                     post[short] = format(v, fmt)
             self.bar.set_postfix(post)
 
+    def image(self, tag: str, array, step: int) -> None:
+        """An (H, W, 3) uint8 image (a numpy array) to TensorBoard (``add_image``, HWC) or wandb
+        (``wandb.Image``) at ``step``, rank 0 (the validation grids)."""
+        if not self.active:
+            return
+        if self.tb is not None:
+            self.tb.add_image(tag, array, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(array)}, step=step)
+
     def message(self, text: str) -> None:
         """A line on rank 0 (through the bar when there is one)."""
         if self.active:

@@ -24,6 +24,7 @@ from snpo.precision import dtype_of
 from snpo.trainer import guard
 from snpo.trainer.checkpoint_io import (
     RunCheckpoints,
+    load_ema,
     rebase_position,
     resume_target,
     trajectory_change,
@@ -66,11 +67,13 @@ class Trainer:
         self.bad_resumed = 0  # all ranks' count from the checkpoint resumed from
         self.data_offset = 0
         self.stop = None  # snpo.trainer.preemption.StopRequest while running
+        self.validation = None  # snpo.trainer.validation.Validation when validation_every > 0
 
     # setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         """Everything before the first step (collective: every rank calls it)."""
         from snpo.data import PairDataset, PairOrder, open_source
+        from snpo.data.order import order_options
         from snpo.step import StepModels, lora_reference, unet_fn
 
         cfg = self.cfg
@@ -121,6 +124,7 @@ class Trainer:
             rank=dist.rank,
             world=dist.world,
             micro=cfg.train_batch_size_per_gpu,
+            **order_options(cfg, self.source),  # data_order: windowed → row groups, K
         )
         side = cfg.resolution // m.latent_scale
         self.latent_shape = (m.in_channels, side, side)
@@ -130,6 +134,17 @@ class Trainer:
         if self.target is not None:
             self.target = agree(self._prepare_world_change, "preparing the checkpoint")
         self.engine, self.lr = init_engine(cfg, m.unet, dist.world, universal=self.universal)
+        self.ema = None  # snpo.trainer.ema.EMA of the trainable weights when ema_decay > 0
+        if cfg.ema_decay > 0:
+            from snpo.trainer.ema import EMA
+
+            self.ema = EMA(
+                self.engine.module,
+                cfg.ema_decay,
+                start_step=cfg.ema_start_step,
+                rank=dist.rank,
+                world=dist.world,
+            )
         reference_source = reference_provider(cfg, self.cache)
         text = text_provider(self.cache)
         policy = unet_fn(self.engine, self.models.model.spec)
@@ -248,7 +263,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Checkpoint ``step`` (:meth:`snpo.trainer.checkpoint_io.RunCheckpoints.save`)."""
-        self.checkpoints.save(self.engine, step, self.client_state(step))
+        self.checkpoints.save(self.engine, step, self.client_state(step), ema=self.ema)
 
     def resume(self) -> int:
         """Load the resume target, if any, after checking that it belongs to this run → the
@@ -269,6 +284,11 @@ class Trainer:
                 "options"
             )
         self._check_base_model(state, folder / tag)
+        if self.ema is not None:  # a universal tag's EMA stays in the tag it was converted from
+            from snpo.trainer.universal import UNIVERSAL_SUFFIX
+
+            own = tag.removesuffix(UNIVERSAL_SUFFIX) if self.universal else tag
+            load_ema(folder / own, self.ema)
         old_sources = state.get("snpo_sources")
         if old_sources is not None and old_sources != self.sources:
             warnings.warn(
@@ -328,12 +348,26 @@ class Trainer:
     # export --------------------------------------------------------------------------------
     def export(self, step: int, final: bool) -> Path | None:
         """Write the policy (LoRA or the full denoiser: UNet or transformer) as a
-        diffusers-loadable export (rank 0); under ZeRO-3 the consolidated weights are loaded
-        into a fresh copy of the base denoiser first."""
+        diffusers-loadable export (rank 0, :meth:`_write_export`). With an EMA (``ema_decay``)
+        the export is the EMA weights and ``<export>-raw`` beside it the raw ones
+        (:mod:`snpo.trainer.ema`)."""
+        cfg = self.cfg
+        out = Path(cfg.output_dir) / ("export" if final else f"export-step{step:08d}")
+        if self.ema is None:
+            return self._write_export(out, step, {})
+        with self.ema.swapped_in():
+            path = self._write_export(out, step, {"weights": "ema", "ema_decay": cfg.ema_decay})
+        self._write_export(out.with_name(out.name + "-raw"), step, {"weights": "raw"})
+        return path
+
+    def _write_export(self, out: Path, step: int, extra: dict) -> Path | None:
+        """Export the weights the engine holds now into ``out`` (collective), ``extra`` added to
+        the metadata; under ZeRO-3 the consolidated weights are loaded into a fresh copy of the
+        base denoiser first."""
+        from snpo.cache.identity import data_identity
         from snpo.models import write_export
 
         cfg, m = self.cfg, self.models.model
-        out = Path(cfg.output_dir) / ("export" if final else f"export-step{step:08d}")
         meta = {
             "objective": cfg.objective,
             "beta": cfg.beta,
@@ -341,8 +375,10 @@ class Trainer:
             "uncond_prob": cfg.uncond_prob,
             "weighting": cfg.weighting,
             "inputs": self.sources,
+            "data": data_identity(cfg),  # per data file (the model card's fingerprint)
             "step": step,
             "config": cfg.to_dict(),
+            **extra,
         }
         if cfg.zero_stage == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
@@ -432,6 +468,9 @@ class Trainer:
             f"accumulation {cfg.gradient_accumulation_steps}, lr {self.lr:.3g}"
         )
         logger.message(self.inputs_note)
+        from snpo.trainer.validation import start_validation
+
+        self.validation = start_validation(self, logger, start)  # step 0 of a fresh start
         it = self.inputs.batches(self.data_step(start), self.data_step(cfg.max_steps))
         self.bad_total = 0
         skipped_in_a_row = 0
@@ -500,6 +539,8 @@ class Trainer:
             skipped_in_a_row=skipped_in_a_row,
             limit=cfg.max_skipped_steps,
         )
+        if self.ema is not None and action == "ok":  # a skipped update leaves θ: no average
+            self.ema.update(step)
         if action == "stop":
             what = (
                 f"{skipped_in_a_row} optimizer steps in a row skipped for fp16 overflow"
@@ -534,6 +575,8 @@ class Trainer:
         )
         if torch.cuda.is_available() and dist.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.validation is not None:  # after the update, before the step's checkpoint
+            record.update(self.validation.after_step(step, logger))
         logger.log(record)
         return record, sums[STOP_SLOT] > 0, skipped_in_a_row
 
