@@ -138,7 +138,9 @@ def test_dropin_doc_runs_and_matches_the_trainers_own_loss(backend, monkeypatch)
         dropped = ns["dropped"]
         assert dropped.dtype == torch.bool and dropped.shape == (P,)
         assert torch.isfinite(ns["loss_flow"]) and torch.isfinite(ns["loss"])
-        torch.testing.assert_close(ns["loss_cached"], ns["loss"], rtol=1e-5, atol=1e-7)
+        # the cached errors are computed apart from the loss's own pass: the same float32
+        # rounding bound as above, at the Diff-SNPO block's β = 2β′ (the loss is β-linear here)
+        torch.testing.assert_close(ns["loss_cached"], ns["loss"], rtol=0, atol=2 * tol)
         metrics = ns["metrics"]
         assert metrics["count_cond"] + metrics["count_uncond"] == ns["accumulation"] * P
         assert all(v == v for v in metrics.values()), metrics  # no NaN, ever
