@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import report as R
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "sd15-small"
 TARGET_BUILD_VS_LIVE = 1.1  # CPU s per stored image variant ≤ 1.1 × one live encode
@@ -464,13 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         "measurements": results,
         "summary": summarize(results, pairs=a.pairs, trainer=trainer),
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{dev['slug']}-cache-build-{res['date']}"
-    (a.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    md = render(res)
-    (a.out / f"{stem}.md").write_text(md + "\n")
-    print(md)
-    print(f"wrote {a.out / stem}.json and .md")
+    json_path, md_path = R.write_results(
+        res, a.out, kind="cache-build", render=lambda r: render(r) + "\n"
+    )
+    print(md_path.read_text(), end="")
+    print(f"wrote {json_path} and .md")
     if tmp is not None:
         tmp.cleanup()
     return 0

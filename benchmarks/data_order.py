@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from . import harness as H
+from . import report as R
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = 8
@@ -482,13 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(rows),
         "startup": startup,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{dev['slug']}-data-order-{res['date']}"
-    (a.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    md = render(res)
-    (a.out / f"{stem}.md").write_text(md + "\n")
-    print(md)
-    print(f"wrote {a.out / stem}.json and .md")
+    json_path, md_path = R.write_results(
+        res, a.out, kind="data-order", render=lambda r: render(r) + "\n"
+    )
+    print(md_path.read_text(), end="")
+    print(f"wrote {json_path} and .md")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -11,7 +11,7 @@ their own. ``render_markdown`` is a pure function of that dict (unit-tested in
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,14 +147,21 @@ def build_results(
     }
 
 
-def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``<slug>-<date>.json`` and ``.md`` into ``out_dir``; return both paths."""
+def write_results(
+    results: dict[str, Any],
+    out_dir: Path,
+    *,
+    kind: str | None = None,
+    render: Callable[[dict[str, Any]], str] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<slug>[-<kind>]-<date>.json`` and ``.md`` (``render``, default
+    :func:`render_markdown`) into ``out_dir``; return both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['device']['slug']}-{results['date']}"
+    stem = "-".join(x for x in (results["device"]["slug"], kind, results["date"]) if x)
     json_path = out_dir / f"{stem}.json"
     md_path = out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    md_path.write_text(render_markdown(results))
+    md_path.write_text((render or render_markdown)(results))
     return json_path, md_path
 
 

@@ -54,6 +54,8 @@ from typing import Any
 
 import torch
 
+from snpo.tools.estimate import ARCHS
+
 from . import harness as H
 from . import sd_models as SM
 
@@ -150,26 +152,11 @@ TINY_SDXL_UNET: dict[str, Any] = {
 # ---------------------------------------------------------------------------------------------
 # stable-diffusion-3.5-medium/transformer/config.json as far as we know it (not verified
 # offline: nothing is downloaded): 24 MMDiT blocks of width 24 × 64 = 1536, the first 13 with
-# SD3.5's second (image-only) attention, RMS-norm q/k; 16-channel latents in 2×2 patches
-SD35M_TRANSFORMER: dict[str, Any] = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)),
-    "qk_norm": "rms_norm",
-}
-# SD3.5-M's structure reduced for the CPU rows: 4 blocks (the first 2 dual-attention, as
-# SD3.5-M's first half) of width 6 × 64 = 384 (head width kept), text width 512 (the reduced
-# T5's), pooled 192 + 320 (the reduced CLIPs'), 256 px → latents 16×32×32 (256 image tokens
-# + 77 + 256 text tokens per row, as SD3.5 at 256 px)
+# SD3.5's second (image-only) attention, RMS-norm q/k; 16-channel latents in 2×2 patches. One
+# copy, the one `snpo estimate --arch sd35m` counts.
+SD35M_TRANSFORMER: dict[str, Any] = dict(ARCHS["sd35m"]["config"])
+
+
 SD35M_SMALL_TRANSFORMER: dict[str, Any] = {
     **SD35M_TRANSFORMER,
     "sample_size": 32,
