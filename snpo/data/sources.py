@@ -71,6 +71,21 @@ def open_parquet(path: str, *, pre_buffer: bool = True):
     return pq.ParquetFile(path, pre_buffer=pre_buffer)
 
 
+def open_pickapic_file(path: str, who: str, *, pre_buffer: bool = True):
+    """(:func:`open_parquet` of ``path``, whether it has the ``has_label`` column), after
+    checking the Pick-a-Pic columns; DataError prefixed with ``who`` (the option or tool that
+    named the file) when it cannot be read or lacks one."""
+    try:
+        pf = open_parquet(path, pre_buffer=pre_buffer)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
+        raise DataError(f"{who}: cannot read parquet file {path!r}: {err}") from err
+    names = set(pf.schema_arrow.names)
+    missing = set(REQUIRED_COLUMNS) - names
+    if missing:
+        raise DataError(f"{who}: {path!r} lacks the Pick-a-Pic column(s) {sorted(missing)}")
+    return pf, HAS_LABEL_COLUMN in names
+
+
 class PickapicParquet:
     """Pick-a-Pic-style parquet files read lazily by row group; the last ``row_group_cache``
     row groups read are kept (per process or DataLoader worker)."""
@@ -94,17 +109,7 @@ class PickapicParquet:
         self._rg_starts: list[list[int]] = []
         group_base = 0
         for fid, path in enumerate(self.files):
-            try:
-                pf = open_parquet(path, pre_buffer=False)
-            except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
-                raise DataError(f"train_data: cannot read parquet file {path!r}: {err}") from err
-            names = set(pf.schema_arrow.names)
-            missing = set(REQUIRED_COLUMNS) - names
-            if missing:
-                raise DataError(
-                    f"train_data: {path!r} lacks the Pick-a-Pic column(s) {sorted(missing)}"
-                )
-            has_label = HAS_LABEL_COLUMN in names
+            pf, has_label = open_pickapic_file(path, "train_data", pre_buffer=False)
             t = pf.read(columns=[LABEL_COLUMN] + ([HAS_LABEL_COLUMN] if has_label else []))
             label_0 = t.column(LABEL_COLUMN).to_numpy(zero_copy_only=False)
             has = t.column(HAS_LABEL_COLUMN).to_numpy(zero_copy_only=False) if has_label else None

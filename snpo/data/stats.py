@@ -26,9 +26,9 @@ from snpo.data.schema import (
     HAS_LABEL_COLUMN,
     IMAGE_COLUMNS,
     LABEL_COLUMN,
-    REQUIRED_COLUMNS,
     cell_image,
 )
+from snpo.data.sources import open_pickapic_file
 
 
 @dataclass
@@ -89,19 +89,7 @@ def parquet_rows(path: str) -> int:
 
 
 def _parquet_stats(path: str, decode: bool, bar) -> FileStats:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
-        raise DataError(f"snpo data stats: cannot read parquet file {path!r}: {err}") from err
-    names = set(pf.schema_arrow.names)
-    missing = set(REQUIRED_COLUMNS) - names
-    if missing:
-        raise DataError(
-            f"snpo data stats: {path!r} lacks the Pick-a-Pic column(s) {sorted(missing)}"
-        )
-    has_col = HAS_LABEL_COLUMN in names
+    pf, has_col = open_pickapic_file(path, "snpo data stats", pre_buffer=False)
     guard = PathGuard(Path(path).parent)
     st = FileStats(path)
     first = 0  # file row of the row group's first row

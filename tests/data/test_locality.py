@@ -5,13 +5,13 @@ row groups without reading image bytes at start-up."""
 
 from __future__ import annotations
 
-import io
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.data_order import CountingFile
 from snpo.config import ConfigError, TrainConfig, validate
 from snpo.data import PairDataset, PairOrder, image_bytes, make_loader, write_pickapic_parquet
 from snpo.data import sources as S
@@ -235,35 +235,6 @@ def test_bad_pairs_are_skipped_in_the_windowed_loader(tmp_path):
     assert sum(len(b) for b in batches) == 9
 
 
-class _CountingFile(io.RawIOBase):
-    """A read-only file that counts the bytes read through it."""
-
-    def __init__(self, path: str, counter: list[int]) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115 - closed with the wrapper
-        self._counter = counter
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self._f.seek(pos, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def readinto(self, b) -> int:
-        n = self._f.readinto(b)
-        self._counter[0] += n or 0
-        return n
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
-
-
 def test_opening_a_source_reads_no_image_bytes(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
@@ -287,7 +258,7 @@ def test_opening_a_source_reads_no_image_bytes(tmp_path, monkeypatch):
                     allowed += col.total_compressed_size
     read = [0]
     monkeypatch.setattr(
-        S, "open_parquet", lambda p, **kw: pq.ParquetFile(_CountingFile(p, read), **kw)
+        S, "open_parquet", lambda p, **kw: pq.ParquetFile(CountingFile(p, read), **kw)
     )
     src = S.PickapicParquet(files)
     assert len(src) > 0
