@@ -73,7 +73,6 @@ def diffusion_dpo_step(g: TC.Group):
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(dev)
-    params, opt = g.opt.params, g.opt
 
     def encode_sdxl(texts):
         hidden, pooled = [], None
@@ -116,23 +115,10 @@ def diffusion_dpo_step(g: TC.Group):
         losses = (pred - target).pow(2).mean(dim=[1, 2, 3])
         losses_w, losses_l = losses.chunk(2)
         raw_model_loss = 0.5 * (losses_w.mean() + losses_l.mean())
-        model_diff = losses_w - losses_l
         with torch.no_grad():
             ref_pred = ref_unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample.detach()
             ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])
-            ref_w, ref_l = ref_losses.chunk(2)
-            ref_diff = ref_w - ref_l
-            raw_ref_loss = ref_losses.mean()
-        inside = -0.5 * TC.BETA * (model_diff - ref_diff)
-        implicit_acc = (inside > 0).sum().float() / inside.size(0)
-        loss = -1 * F.logsigmoid(inside).mean()
-        # its logging: one host read per scalar, every step
-        logged = [t.item() for t in (loss, raw_model_loss, raw_ref_loss, implicit_acc)]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, TC.MAX_GRAD_NORM)
-        opt.step()
-        opt.zero_grad()
-        return float(logged[0])
+        return _dpo_update(g, losses, ref_losses, raw_model_loss)
 
     return step
 
@@ -148,6 +134,7 @@ def _dpo_update(g: TC.Group, losses: torch.Tensor, ref_losses: torch.Tensor, raw
     inside = -0.5 * TC.BETA * (model_diff - ref_diff)
     implicit_acc = (inside > 0).sum().float() / inside.size(0)
     loss = -1 * F.logsigmoid(inside).mean()
+    # its logging: one host read per scalar, every step
     logged = [t.item() for t in (loss, raw_model_loss, raw_ref_loss, implicit_acc)]
     loss.backward()
     torch.nn.utils.clip_grad_norm_(g.opt.params, TC.MAX_GRAD_NORM)
