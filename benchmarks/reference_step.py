@@ -44,6 +44,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from snpo.models.sd3 import tokenize
+
 from . import trainer_cases as TC
 
 
@@ -160,13 +162,7 @@ def flow_dpo_step(g: TC.Group):
     captions = list(g.prompts)
 
     def ids(tok, length):
-        return tok(
-            captions,
-            padding="max_length",
-            max_length=length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(dev)
+        return tokenize(tok, captions, length, dev)  # the pipelines' tokenizer call
 
     def encode_prompt():
         """(embeds (P, 77 + T5 length, D_t5), pooled (P, D_l + D_g)) as the SD3 pipeline."""
