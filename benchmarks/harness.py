@@ -1,6 +1,9 @@
 """Pure measurement helpers of the benchmark suite: byte counts, timing (CUDA events on a GPU,
 the wall clock on a CPU), the copy-bandwidth ceiling, peak extra memory, the targets.
 
+Length (~630 lines): the pure helpers of both suites (kernel and trainer) in one place, each a
+small function; splitting would leave two modules importing each other's constants.
+
 Nothing here knows about pytest; ``test_harness.py`` unit-tests the arithmetic on the CPU.
 """
 

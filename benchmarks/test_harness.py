@@ -1,6 +1,7 @@
 """Unit tests of the suite's pure parts (byte counts, statistics, targets, the writers, the
 case grid), and of the CUDA timing/memory orchestration with fake events, so CI on a CPU
-exercises what a GPU run relies on."""
+exercises what a GPU run relies on. Long (~670 lines) because it mirrors ``harness.py`` and
+``report.py`` function by function."""
 
 from __future__ import annotations
 

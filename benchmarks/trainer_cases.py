@@ -16,6 +16,10 @@ the public Diffusion-DPO ``train.py`` does it: VAE encode + text encoder + refer
 step, the policy on the concatenated winner/loser batch, its eager loss, clipping, AdamW and its
 per-step ``.item()`` logging — on the same weights, optimizer, pixels and prompts.
 
+Length (~720 lines): the rows, their model specs and the one interleaved measurement share the
+objects they time (Restorer, Group); each piece is small, and a split would cut the measurement
+from the state it restores.
+
 Before every step (warm-up and timed) the weights and the optimizer are restored
 (:class:`Restorer`): every step is the first AdamW step from the initial weights, so the loss
 stays log 2 (policy = reference) and no row times a run that has trained itself into subnormal

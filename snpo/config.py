@@ -17,6 +17,10 @@ Objective presets (``docs/objectives.md``):
 | snpo_naive | null-prompt-branch pairs| 1           | naive Diff-SNPO |
 | snpo       | null-prompt-branch pairs| 0.9         | Diff-SNPO |
 
+Length (~900 lines, on purpose one module): the fields with their help texts are the source of
+the options table, and each field's checks sit beside it in :func:`validate`; splitting them
+would put an option's meaning and its refusal in two places.
+
 ``beta`` uses the Diffusion-DPO code's convention, ``-logsigmoid(-0.5·β·(model_diff − ref_diff))``:
 diffusers' DPO example's ``beta_dpo=2500`` is ``beta: 5000`` here, Diffusion-NPO's SD1.5
 ``beta=500`` is ``beta: 1000`` here.

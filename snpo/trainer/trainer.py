@@ -1,6 +1,9 @@
 """One training run: setup (distributed, output folder, inputs, models, engine), resume, the
 loop of optimizer steps with the non-finite guard, checkpoints, preemption and exports.
 
+Length (~630 lines): the run's orchestration in the order it happens; every concept it calls
+lives in its own module (inputs, checkpoint_io, guard, ema, validation, metrics, preemption).
+
 Setup order matters: the output folder is claimed and the resume target found before anything
 loads; which inputs come from a cache (:mod:`snpo.trainer.inputs`) decides what is loaded at
 all; a checkpoint of another world size is converted before the engine is built.
