@@ -65,3 +65,24 @@ def test_run_without_metrics_is_refused(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "p.png")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+
+
+def test_smoothing_is_tensorboards_debiased_ema(tmp_path, capsys):
+    from snpo.tools.plot import smooth
+
+    ys = [1.0, 3.0, -2.0, 5.0]
+    assert smooth(ys, 0.0) == ys
+    w, m, want = 0.6, 0.0, []
+    for k, y in enumerate(ys, start=1):  # the formula written out
+        m = w * m + (1 - w) * y
+        want.append(m / (1 - w**k))
+    assert smooth(ys, w) == pytest.approx(want, rel=1e-12)
+    assert smooth(ys, w)[0] == ys[0]  # debiased: the first value is the first point
+    assert smooth([2.0] * 5, 0.9) == pytest.approx([2.0] * 5, rel=1e-12)  # constant stays
+    run = _run(tmp_path / "r", _records(1.0))
+    out = tmp_path / "s.png"
+    assert cli.main(["plot", str(run), "--smooth", "0.8", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert cli.main(["plot", str(run), "--smooth", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--smooth must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
