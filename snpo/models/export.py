@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from snpo.metrics_file import METRICS_FILE
 from snpo.models.diffusion import DiffusionModel, load_model
 from snpo.models.family import get_family
 from snpo.models.model_card import write_model_card
 
 META_FILE = "snpo_export.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
-METRICS_FILE = "metrics.jsonl"  # a trainer run's (snpo.trainer.metrics.METRICS_FILE)
 
 
 class ExportError(RuntimeError):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from snpo.metrics_file import read_records
+
 CARD_FILE = "README.md"
 
 # the hub's tag of each family (the hub groups models by these)
@@ -63,20 +65,7 @@ def read_metrics(path: str | Path, until_step: int | None = None) -> list[dict]:
     """The records of a run's ``metrics.jsonl`` with step ≤ ``until_step`` ([] when the file is
     absent; torn lines are skipped)."""
     path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(rec, dict):
-            continue
-        if until_step is not None and isinstance(rec.get("step"), int) and rec["step"] > until_step:
-            continue
-        out.append(rec)
-    return out
+    return read_records(path, until_step)[0] if path.is_file() else []
 
 
 def data_fingerprint(data: list[dict]) -> str:

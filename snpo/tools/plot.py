@@ -15,13 +15,13 @@ of each series over the raw values, which stay as a faint line.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import warnings
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"  # snpo.trainer.metrics.METRICS_FILE
+from snpo.metrics_file import METRICS_FILE, read_records
+
 # (panel title, [(metrics.jsonl key, line style)])
 PANELS = (
     ("loss", [("loss", "-")]),
@@ -52,19 +52,7 @@ def metrics_file(run: str | Path) -> Path:
 def read_run(run: str | Path) -> list[dict]:
     """The records of a run's metrics.jsonl in file order (torn lines skipped with a warning)."""
     f = metrics_file(run)
-    out, torn = [], 0
-    for line in f.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            torn += 1
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-            out.append(rec)
-        else:
-            torn += 1
+    out, torn = read_records(f)
     if torn:
         warnings.warn(f"{f}: skipped {torn} unreadable line(s)", stacklevel=2)
     return out

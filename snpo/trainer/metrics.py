@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from snpo.config import TrainConfig
+from snpo.metrics_file import METRICS_FILE, read_lines
 from snpo_kernels import SUM_FIELDS, stats_from_sums
-
-METRICS_FILE = "metrics.jsonl"
 
 # the additive quantities of a micro-batch, in metric_vector order: the loss and pair count, the
 # preference statistics exactly as snpo_kernels adds them (PreferenceStats.sums, SUM_FIELDS), the
@@ -98,18 +97,8 @@ def step_record(s: list[float], step: int, epoch: int, *, preference: bool = Tru
 def keep_metrics_until(path: Path, step: int) -> int:
     """Rewrite ``path`` (atomically) keeping the records of steps ≤ ``step``; a torn or
     unreadable line (a run killed mid-write) is dropped with a warning. → lines dropped as torn."""
-    keep, torn = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            at = int(rec.get("step", 0))
-        except (ValueError, TypeError, AttributeError):
-            torn += 1
-            continue
-        if at <= step:
-            keep.append(line)
+    lines, torn = read_lines(path)
+    keep = [line for line, rec in lines if rec["step"] <= step]
     if torn:
         warnings.warn(
             f"{path}: skipped {torn} unreadable line(s) (a run stopped while writing)",
