@@ -71,7 +71,7 @@ class DiffusionModel:
         """Pixels per latent pixel (8 for SD VAEs; 1 in pixel space)."""
         if self.vae is None:  # pixel space, or a VAE left unloaded (its config was read)
             return int(self.extra.get("latent_scale", 1))
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_spatial_scale(self.vae.config)
 
     @property
     def skipped(self) -> tuple[str, ...]:
@@ -140,21 +140,41 @@ def check_tokenizer(tokenizer, source: str) -> None:
         )
 
 
-def load_vae(request: LoadRequest) -> tuple[torch.nn.Module | None, dict]:
-    """(the AutoencoderKL or None, extra) — None in pixel space or when skipped; a skipped
-    VAE's config still gives ``extra["latent_scale"]``."""
-    from diffusers import AutoencoderKL
+# VAE classes loaded as model_index.json names them; any other entry loads as AutoencoderKL
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLWan")
 
+
+def vae_spatial_scale(conf) -> int:
+    """Pixels per latent pixel of a VAE config: its ``scale_factor_spatial`` (the Wan video
+    VAE) or 2^(number of down blocks − 1) (AutoencoderKL)."""
+    scale = conf.get("scale_factor_spatial")
+    return int(scale) if scale else 2 ** (len(conf["block_out_channels"]) - 1)
+
+
+def vae_class(index: dict):
+    """The diffusers VAE class of a folder: model_index.json's ``vae`` entry when it is one of
+    :data:`VAE_CLASSES`, else AutoencoderKL."""
+    import diffusers
+
+    entry = index.get("vae")
+    name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+    return getattr(diffusers, name if name in VAE_CLASSES else "AutoencoderKL")
+
+
+def load_vae(request: LoadRequest) -> tuple[torch.nn.Module | None, dict]:
+    """(the VAE (:func:`vae_class`) or None, extra) — None in pixel space or when skipped; a
+    skipped VAE's config still gives ``extra["latent_scale"]``."""
+    cls = vae_class(request.index)
     extra: dict = {"skipped": [s for s in SKIPPABLE if s in request.skip]}
     hub = request.hub or {}
     parts = model_components(request.source, request.index)
     if "vae" not in parts:
         return None, extra
     if "vae" in request.skip:
-        conf = AutoencoderKL.load_config(request.source, subfolder="vae", **hub)
-        extra["latent_scale"] = 2 ** (len(conf["block_out_channels"]) - 1)
+        conf = cls.load_config(request.source, subfolder="vae", **hub)
+        extra["latent_scale"] = vae_spatial_scale(conf)
         return None, extra
-    vae = AutoencoderKL.from_pretrained(
+    vae = cls.from_pretrained(
         request.source,
         subfolder="vae",
         torch_dtype=request.dtype,

@@ -9,7 +9,8 @@ Layout of an export folder:
     README.md                           the model card (hub format, :mod:`snpo.models.model_card`)
 The null embedding kind ("empty_prompt" | "zeros") is the one the null-prompt branch was trained
 with; CFG at sampling must use the same one. The pipeline class (``StableDiffusionPipeline``,
-``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``) comes from the
+``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``WanPipeline``)
+comes from the
 model's family: the export is loaded into that pipeline built from the base model's folder. Writes are atomic: a new export is assembled in a
 temporary folder and swapped in, so an interrupted write never replaces a good export.
 The same inputs write the same bytes: sorted keys everywhere, the LoRA adapter config's module

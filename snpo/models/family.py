@@ -2,7 +2,8 @@
 
 A family is one class of diffusers models that share loading, prompt encoding, noising and
 sampling: SD1.5-class UNets (``sd``), SDXL-class UNets (``sdxl``), SD3-class MMDiT flow models
-(``sd3``), guidance-distilled flow models (``flux``). Each family is a :class:`ModelFamily`
+(``sd3``), guidance-distilled flow models (``flux``), Wan2.x-class text-to-video
+transformers (``wan``). Each family is a :class:`ModelFamily`
 subclass instance registered by name; adding one touches ``snpo/models/`` and a config only.
 
 Per micro-batch of B rows (preference: 2P rows, winners then losers, a pair sharing noise ε and
@@ -35,7 +36,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from snpo.models.embeddings import PromptEmbeddings
 
 # modules that register a family on import (a missing module file is skipped)
-FAMILY_MODULES = ("snpo.models.sd", "snpo.models.sd3", "snpo.models.flux", "snpo.models.flow_unet")
+FAMILY_MODULES = (
+    "snpo.models.sd",
+    "snpo.models.sd3",
+    "snpo.models.flux",
+    "snpo.models.flow_unet",
+    "snpo.models.wan",
+)
 
 
 @dataclass
@@ -87,6 +94,9 @@ class ModelFamily:
     needs_time_ids: ClassVar[bool] = False  # SDXL micro-conditioning rows (B, 6)
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     default_sampler: ClassVar[str] = "ddim"  # the :meth:`sampling_scheduler` name by default
+    # video families: frames per latent frame of the VAE (Wan: 4, F = 4k + 1 frames → k + 1);
+    # 0: images only (no frame axis; ``num_frames`` must be 1)
+    temporal_factor: ClassVar[int] = 0
 
     # --- detection and loading -------------------------------------------------------------
     def matches(self, index: dict, components: set[str]) -> bool:
@@ -132,6 +142,20 @@ class ModelFamily:
         """Channels C of a latent (B, C, h, w) as the VAE, the noising and the sampler see it
         (a denoiser that packs patches counts more input channels)."""
         return model.unet.config.in_channels
+
+    # --- latents ---------------------------------------------------------------------------
+    def vae_posterior(
+        self, model: DiffusionModel, pixels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The scaled latent posterior (mean, logvar) of images (B, 3, H, W) in [-1, 1] for a
+        family whose VAE the generic z = s·(x − shift) of :mod:`snpo.models.latents` does not
+        fit (video frames, per-channel statistics: Wan); None (the default): the generic path."""
+        return None
+
+    def vae_decode(self, model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor | None:
+        """The family's own decoding of latents to pixels in [-1, 1] (the inverse of
+        :meth:`vae_posterior`'s scaling); None (the default): the generic path."""
+        return None
 
     # --- text conditioning -----------------------------------------------------------------
     def encode_prompts(self, model: DiffusionModel, prompts: list[str]) -> PromptEmbeddings:

@@ -29,6 +29,9 @@ def encode_images(
                 "cache)"
             )
         return pixels, None
+    own = model.spec.vae_posterior(model, pixels)  # a family's own VAE (Wan: video, per channel)
+    if own is not None:
+        return own
     with torch.no_grad():
         dist = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist
     s, shift = _factors(model.vae)
@@ -53,6 +56,8 @@ def decode_latents(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor
         if "vae" in model.skipped:
             raise ModelLoadError(f"the VAE of {model.source!r} was not loaded (skip=vae)")
         x = latents
+    elif (own := model.spec.vae_decode(model, latents)) is not None:
+        x = own
     else:
         s, shift = _factors(model.vae)
         with torch.no_grad():

@@ -225,10 +225,16 @@ def _sampling(info: dict, cfg: dict) -> list[str]:
             f'    "{base}", {part}={part}, torch_dtype=torch.float16',
             ').to("cuda")',
         ]
-    code.append(
-        f'image = pipe("a photo of a cat", guidance_scale={cfg_scale:g}, '
-        "num_inference_steps=50).images[0]"
-    )
+    if info.get("family") == "wan":  # WanPipeline returns videos: an image is one frame
+        code.append(
+            'image = pipe("a photo of a cat", negative_prompt="", guidance_scale=5, '
+            'num_frames=1, num_inference_steps=50, output_type="pil").frames[0][0]'
+        )
+    else:
+        code.append(
+            f'image = pipe("a photo of a cat", guidance_scale={cfg_scale:g}, '
+            "num_inference_steps=50).images[0]"
+        )
     lines = ["## Sampling", "", "```python", *code, "```", ""]
     if flux:
         lines.append(

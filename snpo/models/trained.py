@@ -61,6 +61,7 @@ DENOISER_INTERFACE: dict[str, tuple[str, ...]] = {
         "guidance_embeds",
         "axes_dims_rope",
     ),
+    "WanTransformer3DModel": ("in_channels", "out_channels", "patch_size", "text_dim"),
 }
 FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size (latent pixels: 1024 px)
 

@@ -153,7 +153,8 @@ def latent_grid_problem(model, resolution: int) -> str | None:
     table (``pos_embed_max_size``, SD3). UNets have neither: always None."""
     conf = model.unet.config
     side = resolution // model.latent_scale
-    patch = int(conf.get("patch_size", 1) or 1)
+    patch = conf.get("patch_size", 1) or 1
+    patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch)  # Wan: (t, h, w)
     packed = max(1, math.isqrt(max(1, int(conf.get("in_channels", 1)) // model.in_channels)))
     step = patch * packed
     if side % step:
