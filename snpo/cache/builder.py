@@ -5,8 +5,11 @@ trainer regenerates exactly the draws the cache used. The reference errors do no
 objective, beta, lam, weighting, LoRA settings, batch size or world size: one cache serves dpo,
 bdpo, npo and snpo runs alike.
 
-Processes: rank r of N builds the shards k ≡ r (mod N) of every phase (text, latents, ref),
-with a barrier between phases. The folder lock each holds: :func:`snpo.cache.ranks.writer_lock`.
+Processes: each rank of N builds contiguous runs of the units (shards, or (epoch, shard)) of
+every phase (text, latents, ref), with a barrier between phases; a torch.distributed build cuts
+what is still missing into N even runs, so a build resumed on any number of ranks spreads
+exactly the missing units (:mod:`snpo.cache.ranks`). The folder lock each holds:
+:func:`snpo.cache.ranks.writer_lock`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from snpo.cache.plan import check_options, plan_sections, reconcile
 from snpo.cache.ranks import barrier, rank_and_world, writer_lock
 from snpo.cache.sections import SECTIONS
 from snpo.cache.shard_builder import BuildInterrupted, ShardBuilder
-from snpo.cache.store import CacheError, journal_paths, merge_parts, merged_view, remove_stale_tmp
+from snpo.cache.store import (
+    CacheError,
+    journal_paths,
+    load_manifest,
+    merge_parts,
+    merged_view,
+    remove_stale_tmp,
+)
 from snpo.precision import dtype_of
 
 __all__ = [
@@ -80,8 +90,8 @@ def build_cache(
     both flips stored), "epochs" (the drawn crop+flip per epoch) or "auto" (epochs iff
     random_crop); ref_inputs: "cache" (the cached latents/text), "live" (encode_batch on the
     decoded images) or "auto" (cache iff latents and text are cached); rank/world: this
-    process's share (default: torch.distributed's, else 0/1) — rank r builds units
-    k ≡ r (mod world) of each phase; overwrite: drop the sections being built if they were made
+    process's share (default: torch.distributed's, else 0/1) — each rank builds contiguous runs
+    of each phase's units (:mod:`snpo.cache.ranks`); overwrite: drop the sections being built if they were made
     for another config; debug_stop_after: test hook, raise BuildInterrupted after that many
     shards. Returns a summary dict.
     """
@@ -91,6 +101,11 @@ def build_cache(
     what = [w for w in SECTIONS if w in set([what] if isinstance(what, str) else what)]
     if not what:
         raise ValueError(f"what: choose one or more of {SECTIONS}")
+    if cfg.num_frames > 1 and set(what) - {"text"}:
+        raise ValueError(
+            f"num_frames: {cfg.num_frames}: the cache stores one-frame image latents and their "
+            "reference errors; for clips build only the text section (--what text)"
+        )
     # an explicit share (independent jobs) wins over a process group this process may be in for
     # other reasons (e.g. a trainer's single-process group in the same interpreter)
     d = rank_and_world() if rank is None and world is None else None
@@ -146,6 +161,7 @@ def build_cache(
             num_workers=cfg.dataloader_num_workers if num_workers is None else num_workers,
             verbose=verbose,
             debug_stop_after=debug_stop_after,
+            grouped=d is not None,
             ref_inputs=plan["ref"]["layout"]["inputs"] if "ref" in plan else None,
         )
         sections = {k: v for k, v in plan.items() if not k.startswith("_")}
@@ -154,20 +170,26 @@ def build_cache(
             f"{n} pairs, sections {','.join(sections)}, {epochs} epoch(s), shards of {shard_size}, "
             f"rank {rank}/{world}, device {device}, {cfg.precision}"
         )
+        planned: dict[str, list] = {}
         if "text" in sections:
-            b.run_units("text", b.text_units(), b.build_text)
+            planned["text"] = b.text_units()
+            b.run_units("text", planned["text"], b.build_text)
             barrier()
         if "latents" in sections:
-            b.run_units("latents", b.latent_units(), b.build_latents)
+            planned["latents"] = b.latent_units()
+            b.run_units("latents", planned["latents"], b.build_latents)
             barrier()
         if "ref" in sections:
             b.prepare_ref()
-            b.run_units("ref", b.ref_units(), b.build_ref)
+            planned["ref"] = b.ref_units()
+            b.run_units("ref", planned["ref"], b.build_ref)
         barrier()
-        if world > 1:
+        if world == 1:
+            _check_complete(out, load_manifest(out), planned)
+        else:
             if d is not None:
                 if rank == 0:
-                    merge_parts(out)
+                    _check_complete(out, merge_parts(out), planned)
                 barrier()
             else:
                 b.log(f"independent ranks: once every rank has finished, snpo cache --merge {out}")
@@ -191,6 +213,21 @@ def build_cache(
         }
         _log_done(b, summary)
         return summary
+
+
+def _check_complete(out: Path, manifest: dict | None, planned: dict[str, list]) -> None:
+    """Every unit of every phase is listed in ``manifest`` (the last word of a build: no unit
+    may be left out, whatever the ranks did); else CacheError naming the first missing one."""
+    have = (manifest or {}).get("sections", {})
+    missing = [
+        u[0] for name, units in planned.items() for u in units
+        if u[0] not in have.get(name, {}).get("shards", {})
+    ]  # fmt: skip
+    if missing:
+        raise CacheError(
+            f"the build of {out} ended with {len(missing)} shard(s) not listed in its manifest "
+            f"(e.g. {missing[0]}); rerun the same command to build them"
+        )
 
 
 def _build_device(cfg) -> torch.device:

@@ -11,7 +11,7 @@ run without the VAE, the text encoders or the reference model.
     snpo cache --info CACHE                   what the cache holds
     torchrun --nproc_per_node N -m snpo.cli cache --config ...
     deepspeed --num_gpus N --module snpo.cache.cli --config ...
-        rank r builds the shards k ≡ r (mod N) of every phase; CPU: gloo, CUDA: nccl
+        each rank builds contiguous runs of every phase's shards; CPU: gloo, CUDA: nccl
 
 It reads the trainer's own TrainConfig (same YAML, same overrides), so it caches exactly what
 that run needs. Three sections, each optional (--what):
@@ -174,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         bad = [w for w in what if w not in SECTIONS]
         if bad:
             raise ConfigError(f"--what: unknown section(s) {bad}; choose from {SECTIONS}")
+        if cfg.resolution_buckets is not None and set(what) - {"text"}:
+            raise ConfigError(
+                "resolution_buckets: the cache stores square resolution² latents and their "
+                "reference errors; build only --what text for a bucketed run (or set "
+                "resolution_buckets: null)"
+            )
         ep = opts.get("epochs", "auto")
         epochs = None if ep == "auto" else int(ep)
         started = _init_distributed(cfg, opts)

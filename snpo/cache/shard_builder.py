@@ -1,5 +1,5 @@
-"""One process's part of a cache build: which shards are its own (units k ≡ rank mod world),
-which are done, how each is made, and where its entries are recorded (the manifest for one
+"""One process's part of a cache build: which shards are its own (contiguous runs of units,
+:mod:`snpo.cache.ranks`), which are done, how each is made, and where its entries are recorded (the manifest for one
 process, else the rank's journal, merged later).
 
 Shards per section (P pairs per shard, V flip variants, C×h×w the latent shape):
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from snpo.cache.inputs import ImageItems, list_collate
+from snpo.cache.ranks import rank_units, todo_share, worker_batch_order
 from snpo.cache.reader import Cache
 from snpo.cache.sections import TEXT_INDEX, TEXT_NULL, latent_rel, ref_rel, text_rel
 from snpo.cache.store import (
@@ -115,15 +116,34 @@ class ShardBuilder:
             cur = self.view["sections"].get(name)
             self.view["sections"][name] = {**sec, "shards": cur["shards"] if cur else {}}
 
+    def share(self, section: str, units: list) -> tuple[list, int, int]:
+        """(this rank's units still to build, how many of its fixed run
+        :func:`~snpo.cache.ranks.rank_units` are done, how many of ``units`` are done as far as
+        it knows). One torch.distributed build (``grouped``): rank 0 says which units are done
+        and the missing ones are cut into contiguous runs (:func:`~snpo.cache.ranks.todo_share`),
+        so every rank agrees and a resumed build, on any world size, spreads what is missing
+        evenly. Independent ranks: the rank's fixed run, minus what is done."""
+        mine = rank_units(len(units), self.rank, self.world)
+        if self.world > 1 and getattr(self, "grouped", False):
+            from snpo.distributed import broadcast_text
+
+            # rank 0's view decides (no rank builds a unit of this phase before the broadcast),
+            # so ranks never disagree, e.g. over a file that one rank's filesystem sees late
+            mark = "" if self.rank else "".join("01"[self.done(section, u[0])] for u in units)
+            done = [c == "1" for c in broadcast_text(mark)]
+            todo = [units[i] for i in todo_share(done, self.rank, self.world)]
+            return todo, sum(done[i] for i in mine), sum(done)
+        todo = [units[i] for i in mine if not self.done(section, units[i][0])]
+        return todo, len(mine) - len(todo), len(mine) - len(todo)
+
     def run_units(self, section: str, units: list, build_one) -> None:
         from tqdm import tqdm
 
         t0, c0, s0 = time.perf_counter(), time.process_time(), os.times().system
-        mine = units[self.rank :: self.world]
-        todo = [u for u in mine if not self.done(section, u[0])]
-        self.skipped += len(mine) - len(todo)
-        if len(todo) < len(mine):
-            self.log(f"{section}: {len(mine) - len(todo)} shard(s) already done")
+        todo, skipped, done = self.share(section, units)
+        self.skipped += skipped
+        if done:
+            self.log(f"{section}: {done} shard(s) already done")
         bar = tqdm(
             todo, desc=f"{section}", disable=not (self.verbose and self.rank == 0), leave=False
         )
@@ -225,10 +245,16 @@ class ShardBuilder:
     def _loader(self, dataset, keys, batch):
         return torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=[keys[a : a + batch] for a in range(0, len(keys), batch)],
+            batch_sampler=self._batches(keys, batch),
             collate_fn=list_collate,
             num_workers=self.num_workers,
         )
+
+    def _batches(self, keys: list, batch: int) -> list:
+        """A shard's batches in the order that gives each DataLoader worker a contiguous run
+        of them (:func:`snpo.cache.ranks.worker_batch_order`; results are stored by pair)."""
+        batches = [keys[a : a + batch] for a in range(0, len(keys), batch)]
+        return [batches[j] for j in worker_batch_order(len(batches), self.num_workers)]
 
     def build_latents(self, k: int, epoch: int | None):
         from snpo.models import encode_images
@@ -292,7 +318,7 @@ class ShardBuilder:
                 out["logvar"][row, j, v] = li
         big = [out["pixels"]] if pixel else [out["mean"], out["logvar"]]
         out["row_crc"] = row_crcs(big, 3)
-        return out, {"first": first, "bad": bad}
+        return out, {"first": first, "bad": sorted(bad)}
 
     # -- reference errors --------------------------------------------------------------------
     def prepare_ref(self) -> None:
@@ -384,9 +410,7 @@ class ShardBuilder:
             keys = [(epoch, i) for i in idx]
             loader = torch.utils.data.DataLoader(
                 ds,
-                batch_sampler=[
-                    keys[a : a + self.batch_size] for a in range(0, len(keys), self.batch_size)
-                ],
+                batch_sampler=self._batches(keys, self.batch_size),
                 collate_fn=collate_pairs,
                 num_workers=self.num_workers,
             )
