@@ -194,6 +194,20 @@ class TrainConfig:
         "better shuffle, more memory: about K × 33 MB per worker for Pick-a-Pic)",
     )
     resolution: int = _f(512, "training resolution (pixels, square)")
+    num_frames: int = _f(
+        1,
+        "frames per training clip: 1 = image pairs; F > 1 (video families, F = 4k + 1 for wan) "
+        "= the pairs' images are animated GIF/WebP/PNG clips, F evenly spaced frames of each "
+        "(fewer frames: a bad image); one crop and flip per clip (docs/flow.md, Wan2.x)",
+    )
+    resolution_buckets: str | list[str] | None = _f(
+        None,
+        "aspect-ratio buckets: null = the square resolution crop; auto = buckets of about "
+        "resolution² pixels, sides in [R/2, 2R] on a grid of 64 (the model's size multiple "
+        "below R 256); or a list of sizes WxH (multiples of the VAE factor × the denoiser's "
+        "downsampling). A pair trains at the bucket nearest its log-aspect, resized to cover "
+        "and cropped; batches hold one bucket (docs/trainer.md, Aspect-ratio buckets)",
+    )
     random_crop: bool = _f(False, "random crop (else center crop) after resizing the shorter side")
     random_flip: bool = _f(
         True, "random horizontal flip, drawn independently for winner and loser (DiffusionDPO)"
@@ -676,6 +690,8 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     if cfg.weighting == "elbo" and cfg.objective == "sft":
         raise ConfigError("weighting: elbo applies to preference objectives, not sft")
     _validate_cache_options(cfg)
+    _validate_frames(cfg)
+    _validate_buckets(cfg, check_files=check_files)
     _validate_memory_options(cfg)
     _validate_system(cfg)
     _validate_validation(cfg, check_files=check_files)
@@ -717,6 +733,71 @@ def _validate_cache_options(cfg: TrainConfig) -> None:
                 "cache_use: sft reads no reference errors; with ref_mode 'cache' name latents "
                 "and/or text"
             )
+
+
+def _validate_frames(cfg: TrainConfig) -> None:
+    """``num_frames`` ≥ 1; clips (F > 1) not with cached latents / reference errors (they hold
+    one-frame latents). The family's frame axis and 4k + 1 are checked with the model folder
+    (:func:`check_frames`)."""
+    if cfg.num_frames < 1:
+        raise ConfigError(f"num_frames: must be ≥ 1 (1 = image pairs), got {cfg.num_frames}")
+    reads_images = cfg.cache_use is None or set(cfg.cache_use) - {"text"}
+    if cfg.num_frames > 1 and cfg.cache_dir and cfg.ref_mode != "live" and reads_images:
+        raise ConfigError(
+            f"num_frames: {cfg.num_frames} frames per clip, but a latents / reference-error "
+            f"cache (cache_dir, cache_use {cfg.cache_use}) holds one-frame image latents; with "
+            "clips set cache_use: [text], or ref_mode: live, or num_frames: 1"
+        )
+
+
+def check_frames(num_frames: int, family) -> str | None:
+    """Why ``num_frames`` does not fit ``family`` (a :class:`snpo.models.ModelFamily`), or None:
+    F > 1 needs a family with a frame axis, and F = k·factor + 1 for its VAE's temporal factor."""
+    if num_frames == 1:
+        return None
+    factor = family.temporal_factor
+    if not factor:
+        return (
+            f"num_frames: {num_frames}, but {family.name}-class models are image models (no "
+            "frame axis); use num_frames: 1, or a video family (wan)"
+        )
+    if (num_frames - 1) % factor:
+        lo = (num_frames - 1) // factor * factor + 1
+        return (
+            f"num_frames: {num_frames} does not fit the {family.name} VAE's temporal factor "
+            f"{factor}: use {factor}k + 1 frames (e.g. {lo} or {lo + factor})"
+        )
+    return None
+
+
+def _validate_buckets(cfg: TrainConfig, *, check_files: bool) -> None:
+    """``resolution_buckets``: auto or WxH sizes, on the VAE factor's grid; not with cached
+    latents / reference errors (square) nor the windowed order."""
+    if cfg.resolution_buckets is None:
+        return
+    from snpo.data.buckets import AUTO, check_buckets, parse_buckets
+
+    try:
+        parsed = parse_buckets(cfg.resolution_buckets)
+    except ValueError as err:
+        raise ConfigError(f"resolution_buckets: {err}") from None
+    if cfg.data_order == "windowed":
+        raise ConfigError(
+            "resolution_buckets: buckets make their own order (one bucket per micro-batch); "
+            "they do not combine with data_order: windowed — use data_order: global"
+        )
+    reads_images = cfg.cache_use is None or set(cfg.cache_use) - {"text"}
+    if cfg.cache_dir and cfg.ref_mode != "live" and reads_images:
+        raise ConfigError(
+            "resolution_buckets: a latents / reference-error cache (cache_dir, cache_use "
+            f"{cfg.cache_use}) holds square {cfg.resolution}² crops; with buckets set cache_use: "
+            "[text], or ref_mode: live, or resolution_buckets: null"
+        )
+    factor = _vae_factor(cfg.model) if check_files else None
+    if parsed != AUTO and factor:
+        problem = check_buckets(parsed, factor)
+        if problem:
+            raise ConfigError(problem)
 
 
 def _validate_memory_options(cfg: TrainConfig) -> None:
@@ -871,6 +952,9 @@ def _validate_family(cfg: TrainConfig) -> None:
         family = get_family(detect_family(cfg.model))
     except ModelLoadError as err:
         raise ConfigError(f"model: {err}") from None
+    frames = check_frames(cfg.num_frames, family)
+    if frames:
+        raise ConfigError(frames)
     if not family.has_null_branch:
         from snpo.models.flux import check_objective
 

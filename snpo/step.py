@@ -145,11 +145,13 @@ def branch_embeddings(null: PromptEmbeddings, prompts: PromptEmbeddings, uncond:
 
 
 def time_id_rows(
-    original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int
+    original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int | tuple[int, int]
 ) -> torch.Tensor:
-    """(B, 6) SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, R, R) per image:
-    :func:`snpo.models.sdxl_time_ids` at the square resolution R."""
-    return sdxl_time_ids(original_size, crop_top_left, (resolution, resolution))
+    """(B, 6) SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, h, w) per image:
+    :func:`snpo.models.sdxl_time_ids` at the trained size — the square resolution R, or the
+    (h, w) of a ``resolution_buckets`` bucket."""
+    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    return sdxl_time_ids(original_size, crop_top_left, size)
 
 
 @torch.no_grad()
@@ -181,7 +183,7 @@ def encode_latents(
     if m.spec.needs_time_ids:
         size = torch.cat([batch.original_size[:, j] for j in range(n_img)])
         crop = torch.cat([batch.crop_top_left[:, j] for j in range(n_img)])
-        res = batch.pixels.shape[-1]
+        res = (int(batch.pixels.shape[-2]), int(batch.pixels.shape[-1]))  # (h, w) trained
         tid = time_id_rows(size, crop, res).to(device=models.device, dtype=models.dtype)
     return latents.to(models.dtype), tid
 

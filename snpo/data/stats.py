@@ -6,6 +6,9 @@ false), pairs (the rows training keeps, :func:`snpo.data.schema.preference_rows`
 (pairs whose two images decode), decode failures (images of pairs that are bad images,
 :mod:`snpo.data.decode`) and a histogram of the decoded images' sizes (width × height).
 ``--no-decode`` reads only the image headers (fast; a truncated JPEG then passes).
+``--buckets auto|WxH,...`` (with ``--resolution`` and ``--bucket-step``) adds the histogram of
+the usable pairs over those aspect-ratio buckets, as ``resolution_buckets`` would assign them
+(:mod:`snpo.data.buckets`: the nearest log-aspect of both images).
 """
 
 from __future__ import annotations
@@ -43,15 +46,18 @@ class FileStats:
     usable: int = 0
     decode_failures: int = 0
     sizes: Counter = field(default_factory=Counter)
+    buckets: Counter = field(default_factory=Counter)  # "WxH" bucket → usable pairs
 
     def add(self, other: FileStats) -> None:
         for k in ("rows", "ties", "unlabelled", "pairs", "usable", "decode_failures"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.sizes.update(other.sizes)
+        self.buckets.update(other.buckets)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["sizes"] = dict(self.sizes.most_common())
+        d["buckets"] = dict(self.buckets.most_common())
         return d
 
 
@@ -69,16 +75,21 @@ def _image_size(data: object, decode: bool) -> tuple[int, int]:
         raise BadImageError(f"unidentifiable image ({type(err).__name__}: {err})") from err
 
 
-def _count_pair(st: FileStats, images: list[object], decode: bool) -> None:
-    good = True
+def _count_pair(st: FileStats, images: list[object], decode: bool, buckets=None) -> None:
+    good, sizes = True, []
     for data in images:
         try:
             w, h = _image_size(data, decode)
             st.sizes[f"{w}x{h}"] += 1
+            sizes.append((w, h))
         except (BadImageError, PathOutsideError):
             st.decode_failures += 1
             good = False
     st.usable += good
+    if good and buckets:
+        from snpo.data.buckets import nearest_bucket, pair_log_aspect
+
+        st.buckets[str(buckets[nearest_bucket(pair_log_aspect(sizes), buckets)])] += 1
 
 
 def parquet_rows(path: str) -> int:
@@ -88,7 +99,7 @@ def parquet_rows(path: str) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def _parquet_stats(path: str, decode: bool, bar) -> FileStats:
+def _parquet_stats(path: str, decode: bool, bar, buckets=None) -> FileStats:
     pf, has_col = open_pickapic_file(path, "snpo data stats", pre_buffer=False)
     guard = PathGuard(Path(path).parent)
     st = FileStats(path)
@@ -117,19 +128,19 @@ def _parquet_stats(path: str, decode: bool, bar) -> FileStats:
                     images.append(cell_image(cells[c][k].as_py(), guard, where))
                 except PathOutsideError:
                     images.append(None)
-            _count_pair(st, images, decode)
+            _count_pair(st, images, decode, buckets)
         first += len(label)
         bar.update(len(label))
     return st
 
 
-def _pairs_stats(path: str, decode: bool, bar) -> FileStats:
+def _pairs_stats(path: str, decode: bool, bar, buckets=None) -> FileStats:
     from snpo.data.sources import OwnPairs
 
     src = OwnPairs(path)
     st = FileStats(path, rows=len(src), pairs=len(src))
     for _, w, lo in src.records:
-        _count_pair(st, [w, lo], decode)
+        _count_pair(st, [w, lo], decode, buckets)
         bar.update(1)
     return st
 
@@ -172,9 +183,10 @@ def expand_paths(paths: list[str]) -> list[str]:
 
 
 def data_stats(
-    paths: list[str], *, decode: bool = True, progress: bool = True
+    paths: list[str], *, decode: bool = True, progress: bool = True, buckets=None
 ) -> tuple[list[FileStats], FileStats]:
-    """(per-file stats, total) of ``paths`` in one pass (a tqdm bar over all rows)."""
+    """(per-file stats, total) of ``paths`` in one pass (a tqdm bar over all rows); buckets:
+    a list of :class:`snpo.data.buckets.Bucket` to count the usable pairs in (None: none)."""
     from tqdm import tqdm
 
     files = expand_paths(paths)
@@ -190,9 +202,9 @@ def data_stats(
     with tqdm(total=total_rows or None, unit="rows", disable=not progress, file=sys.stderr) as bar:
         for f in files:
             st = (
-                _parquet_stats(f, decode, bar)
+                _parquet_stats(f, decode, bar, buckets)
                 if _kind(f) == "parquet"
-                else _pairs_stats(f, decode, bar)
+                else _pairs_stats(f, decode, bar, buckets)
             )
             per.append(st)
             total.add(st)
@@ -223,7 +235,24 @@ def render(per: list[FileStats], total: FileStats) -> str:
     )
     lines = [fmt(head), *(fmt(r) for r in rows), "", "image sizes (w×h: images):"]
     lines += [f"  {s.path}: {_size_line(s.sizes)}" for s in [*per, total]]
+    if total.buckets:
+        lines += ["", "resolution buckets (w×h: usable pairs):"]
+        lines += [f"  {s.path}: {_size_line(s.buckets, top=32)}" for s in [*per, total]]
     return "\n".join(lines)
+
+
+def _buckets_arg(value: str, resolution: int, step: int | None) -> list:
+    """The buckets of ``--buckets`` (DataError naming the option when malformed)."""
+    from snpo.data.buckets import AUTO, auto_buckets, parse_buckets
+
+    try:
+        parsed = parse_buckets(value)
+        if parsed != AUTO:
+            return parsed
+        step = step or (64 if resolution >= 256 else max(1, resolution // 4))
+        return auto_buckets(resolution, step)
+    except ValueError as err:
+        raise DataError(f"snpo data stats: --buckets: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,9 +264,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-decode", action="store_true", help="read image headers only")
     ap.add_argument("--json", default=None, help="also write the stats as JSON to this file")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--buckets", default=None, help="histogram over resolution buckets: auto or WxH,WxH,..."
+    )
+    ap.add_argument("--resolution", type=int, default=512, help="--buckets auto: about R² pixels")
+    ap.add_argument(
+        "--bucket-step",
+        type=int,
+        default=None,
+        help="--buckets auto: side step (default 64, or resolution/4 below resolution 256)",
+    )
     a = ap.parse_args(argv)
     try:
-        per, total = data_stats(a.paths, decode=not a.no_decode, progress=not a.no_progress)
+        buckets = _buckets_arg(a.buckets, a.resolution, a.bucket_step) if a.buckets else None
+        per, total = data_stats(
+            a.paths, decode=not a.no_decode, progress=not a.no_progress, buckets=buckets
+        )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

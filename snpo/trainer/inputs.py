@@ -263,13 +263,14 @@ class RunInputs:
     """A run's inputs, one provider per section (see the module docstring).
 
     models: the :class:`snpo.step.StepModels` (model, device, dtype); reference: None for sft;
-    latent_shape: (C, h, w); resolution: the training resolution (SDXL time ids)."""
+    latent_shape: (C, h, w) (clips, ``num_frames`` > 1: (C, F', h, w)); resolution: the
+    training resolution (SDXL time ids)."""
 
     latents: ImageLatents | CacheLatents
     text: EncoderText | CacheText
     reference: LiveReference | CacheReference | None
     models: object
-    latent_shape: tuple[int, int, int]
+    latent_shape: tuple[int, ...]
     resolution: int
     winners_only: bool = False
 
@@ -284,6 +285,17 @@ class RunInputs:
     def batches(self, start: int, stop: int) -> Iterator:
         """The micro-batches (:class:`snpo.data.PairBatch`) of global micro-steps start..stop-1."""
         return self.latents.batches(start, stop)
+
+    def latent_shape_of(self, batch) -> tuple[int, ...]:
+        """(C, h, w) (clips: (C, F', h, w)) of ``batch``'s latents: its pixels' (H, W) over the
+        VAE factor (a ``resolution_buckets`` bucket), else :attr:`latent_shape` (square; cached
+        latents). Pixels are (P, 2|1, 3, H, W), clips (P, 2|1, 3, F, H, W)."""
+        pix = batch.pixels
+        if pix.ndim != len(self.latent_shape) + 2 or len(batch) == 0:
+            return self.latent_shape
+        f = self.resolution // self.latent_shape[-1]
+        hw = (int(pix.shape[-2]) // f, int(pix.shape[-1]) // f)
+        return (*self.latent_shape[:-2], *hw)
 
     def encode(self, batch, draws) -> EncodedBatch:
         """The :class:`snpo.step.EncodedBatch` of ``batch`` (device, training dtype)."""

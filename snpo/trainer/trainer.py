@@ -112,6 +112,11 @@ class Trainer:
         grid = latent_grid_problem(m, cfg.resolution)
         if grid:
             raise ConfigError(grid)
+        from snpo.config import check_frames
+
+        frames = check_frames(cfg.num_frames, m.spec)  # also when validate skipped the folder
+        if frames:
+            raise ConfigError(frames)
         dataset = PairDataset(
             self.source,
             resolution=cfg.resolution,
@@ -120,6 +125,7 @@ class Trainer:
             random_flip=cfg.random_flip,
             on_bad_image=cfg.on_bad_image,
             winners_only=cfg.objective == "sft",
+            num_frames=cfg.num_frames,
         )
         self.order = PairOrder(
             len(self.source),
@@ -127,10 +133,14 @@ class Trainer:
             rank=dist.rank,
             world=dist.world,
             micro=cfg.train_batch_size_per_gpu,
-            **order_options(cfg, self.source),  # data_order: windowed → row groups, K
+            # data_order: windowed → row groups, K; resolution_buckets → each pair's bucket
+            **order_options(cfg, self.source, m, progress=dist.is_main),
         )
         side = cfg.resolution // m.latent_scale
         self.latent_shape = (m.in_channels, side, side)
+        if cfg.num_frames > 1:  # clips: (C, F', h, w), F' = (F − 1)/factor + 1 latent frames
+            latent_frames = (cfg.num_frames - 1) // m.spec.temporal_factor + 1
+            self.latent_shape = (m.in_channels, latent_frames, side, side)
         self.base_fingerprint = reference_fingerprint(self.models)  # before any checkpoint load
         self.checkpoints = RunCheckpoints(cfg, dist, lora=self.models.lora)
         self.universal = False
@@ -413,7 +423,7 @@ class Trainer:
             cfg.seed,
             batch.epoch,
             [0] if empty else batch.indices,
-            self.latent_shape,
+            self.inputs.latent_shape_of(batch),  # a resolution bucket's (C, h, w)
             self.models.model.scheduler,
             cfg.uncond_prob,
         )
@@ -471,6 +481,8 @@ class Trainer:
             f"accumulation {cfg.gradient_accumulation_steps}, lr {self.lr:.3g}"
         )
         logger.message(self.inputs_note)
+        if self.order.kind == "bucketed":
+            logger.message(self.order.describe())
         from snpo.trainer.validation import start_validation
 
         self.validation = start_validation(self, logger, start)  # step 0 of a fresh start
