@@ -223,16 +223,57 @@ def run_train(
     )
 
 
+def deepspeed_exe() -> str:
+    """The ``deepspeed`` launcher (the venv's first)."""
+    import shutil
+
+    exe = shutil.which("deepspeed", path=str(REPO / ".venv" / "bin")) or shutil.which("deepspeed")
+    assert exe, "the deepspeed launcher is not installed"
+    return exe
+
+
+def start_deepspeed(config: Path, *extra: str, port: int | None = None) -> subprocess.Popen:
+    """``deepspeed --num_gpus 2 snpo/train.py --config config extra...`` started in its own
+    process group (as a batch job's: ``os.killpg`` reaches the launcher and both ranks), stdout
+    and stderr merged into ``.stdout``."""
+    cmd = [deepspeed_exe(), "--master_port", str(port or free_port()), "--num_gpus", "2"]
+    return subprocess.Popen(
+        [*cmd, "snpo/train.py", "--config", str(config), *extra],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_when(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
+    """Read ``proc``'s output until a line holds ``marker``, then SIGKILL its process group;
+    → the output read (asserts that the marker came)."""
+    import signal
+    import time
+
+    lines, deadline = [], time.time() + timeout
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line or time.time() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    log = "".join(lines)
+    assert marker in log, log[-4000:]
+    return log
+
+
 def launch_deepspeed(
     config: Path, *extra: str, timeout: float = 240
 ) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus 2 snpo/train.py --config config extra...`` (two CPU processes on a
     free port); asserts that it succeeded."""
-    import shutil
-
-    exe = shutil.which("deepspeed", path=str(REPO / ".venv" / "bin")) or shutil.which("deepspeed")
-    assert exe, "the deepspeed launcher is not installed"
-    cmd = [exe, "--master_port", str(free_port()), "--num_gpus", "2", "snpo/train.py"]
+    cmd = [deepspeed_exe(), "--master_port", str(free_port()), "--num_gpus", "2", "snpo/train.py"]
     cmd += ["--config", str(config), *extra]
     r = subprocess.run(
         cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout

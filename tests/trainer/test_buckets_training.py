@@ -6,7 +6,6 @@ single-bucket micro-batches, resume exactly after kill -9 and export."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,15 @@ from snpo.data import image_bytes
 from snpo.models import load_export, read_export_meta
 from snpo.trainer.trainer import Trainer
 
-from .conftest import REPO, child_env, free_port, read_metrics, train_here, write_config
+from .conftest import (
+    REPO,
+    child_env,
+    kill_when,
+    read_metrics,
+    start_deepspeed,
+    train_here,
+    write_config,
+)
 
 # (w, h) of the pairs' images: four aspect ratios, the tiny model's auto buckets at R 16
 SIZES = [(24, 16), (16, 24), (20, 20), (32, 12)]
@@ -145,23 +152,6 @@ def test_bucketed_resume_after_sigkill_is_exact(tmp_path, tiny_sd, mixed_pairs, 
 
 
 # ---- 2 ranks, ZeRO-3 ---------------------------------------------------------------------------
-def _launch(config: Path, *extra: str) -> subprocess.Popen:
-    import shutil
-
-    exe = shutil.which("deepspeed", path=str(REPO / ".venv" / "bin")) or shutil.which("deepspeed")
-    assert exe, "the deepspeed launcher is not installed"
-    cmd = [exe, "--master_port", str(free_port()), "--num_gpus", "2", "snpo/train.py"]
-    return subprocess.Popen(
-        [*cmd, "--config", str(config), *extra],
-        cwd=REPO,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
 def _finish(p: subprocess.Popen, timeout: float = 400) -> str:
     log = p.communicate(timeout=timeout)[0]
     assert p.returncode == 0, log[-4000:]
@@ -195,27 +185,17 @@ def test_two_rank_zero3_bucketed_run_resumes_after_kill9_and_exports(
     assert len(seen) == len(set(seen))
 
     straight = tmp_path / "straight"
-    log = _finish(_launch(write_config(tmp_path / "s.yaml", output_dir=straight, **common)))
+    log = _finish(start_deepspeed(write_config(tmp_path / "s.yaml", output_dir=straight, **common)))
     assert "data order: bucketed" in log
     want = {r["step"]: r for r in read_metrics(straight)}
     assert sorted(want) == [1, 2, 3, 4, 5, 6] and all(r["pairs"] == 4 for r in want.values())
 
     out = tmp_path / "killed"
     cfg = write_config(tmp_path / "k.yaml", output_dir=out, **common)
-    p = _launch(cfg, "--debug_hang_at_step", "4")
-    lines = []
-    deadline = time.time() + 400
-    for line in p.stdout:
-        lines.append(line)
-        if "debug: hanging after step 4" in line or time.time() > deadline:
-            break
-    os.killpg(p.pid, signal.SIGKILL)  # launcher and both ranks
-    p.wait(timeout=60)
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004", "".join(lines)[
-        -3000:
-    ]
+    kill_when(start_deepspeed(cfg, "--debug_hang_at_step", "4"), "hanging after step 4", 400)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     time.sleep(1)
-    log = _finish(_launch(cfg))
+    log = _finish(start_deepspeed(cfg))
     assert "resumed from step 4" in log, log[-3000:]
     got = {r["step"]: r for r in read_metrics(out)}
     assert sorted(got) == [1, 2, 3, 4, 5, 6]

@@ -19,28 +19,13 @@ import torch
 from snpo.trainer.checkpoints import complete_tags
 from snpo.trainer.preemption import ECHO_SECONDS, StopRequest, launcher_ancestors
 
-from .conftest import REPO, child_env, free_port, read_metrics, train_here, write_config
+from .conftest import REPO, free_port, read_metrics, start_deepspeed, train_here, write_config
 
 SHM = Path("/dev/shm")
 
 
-def _deepspeed() -> str:
-    exe = shutil.which("deepspeed", path=str(REPO / ".venv" / "bin")) or shutil.which("deepspeed")
-    assert exe, "the deepspeed launcher is not installed"
-    return exe
-
-
 def _launch(config: Path, port: int, *extra: str) -> subprocess.Popen:
-    cmd = [_deepspeed(), "--master_port", str(port), "--num_gpus", "2", "snpo/train.py"]
-    return subprocess.Popen(
-        [*cmd, "--config", str(config), *extra],
-        cwd=REPO,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, as a batch job's
-    )
+    return start_deepspeed(config, *extra, port=port)
 
 
 def _wait_for_step(out: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:

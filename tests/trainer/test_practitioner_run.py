@@ -8,18 +8,13 @@ card and loads in a stock ``StableDiffusionPipeline``."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from .conftest import REPO, child_env, free_port, launch_deepspeed, read_metrics, write_config
+from .conftest import kill_when, launch_deepspeed, read_metrics, start_deepspeed, write_config
 
 # (width, height) of each pair's images: 2:1, 1:2 and square (three buckets at 16 px)
 SIZES = [(40, 20), (20, 40), (24, 24)]
@@ -72,33 +67,6 @@ def _config(tmp_path, name, tiny_sd, pairs):
     )
 
 
-def _kill_after_checkpoint(cfg) -> None:
-    """``deepspeed --num_gpus 2 snpo/train.py`` hanging after step KILL_AT (its checkpoint is
-    written), then SIGKILL to the launcher and both ranks."""
-    exe = shutil.which("deepspeed", path=str(REPO / ".venv" / "bin")) or shutil.which("deepspeed")
-    cmd = [exe, "--master_port", str(free_port()), "--num_gpus", "2", "snpo/train.py"]
-    cmd += ["--config", str(cfg), "--debug_hang_at_step", str(KILL_AT)]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines, deadline = [], time.time() + 300
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if f"debug: hanging after step {KILL_AT}" in line or time.time() > deadline:
-                break
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert any(f"hanging after step {KILL_AT}" in x for x in lines), "".join(lines)[-4000:]
-
-
 def _tensorboard_images(out) -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -123,7 +91,8 @@ def test_zero3_buckets_validation_ema_adafactor_resume_after_sigkill(tmp_path, t
 
     out = tmp_path / "killed"
     cfg = _config(tmp_path, "killed", tiny_sd, pairs)
-    _kill_after_checkpoint(cfg)
+    # the launcher and both ranks SIGKILLed once step KILL_AT's checkpoint is written
+    kill_when(start_deepspeed(cfg, "--debug_hang_at_step", str(KILL_AT)), f"after step {KILL_AT}")
     assert (out / "checkpoints" / f"step_{KILL_AT:08d}").is_dir()
     assert not (out / "export").exists()
     launch_deepspeed(cfg, timeout=600)  # resume: auto
