@@ -267,7 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="override the budget's steps")
-    p.add_argument("--runs", nargs="+", default=None, help="a subset of the runs (default all)")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        help="a subset of the runs (default: the seven of the comparison; the CFG 1 study's "
+        "dpo_nonull, dpo_p0.05, snpo_p0.05 only when named)",
+    )
     p.add_argument("--jobs", type=int, default=None, help="processes (default: one per core)")
     p.add_argument("--overwrite", action="store_true", help="discard results of other settings")
     p.add_argument("--quick", action="store_true", help="same as --budget quick")
@@ -281,8 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare-flow", help="dpo/bdpo/snpo_naive/snpo on the flow base")
     p.add_argument("--out", default="runs/compare-flow")
-    p.add_argument("--budget", default="default", choices=["default", "quick"])
+    p.add_argument(
+        "--budget",
+        default="default",
+        choices=["default", "evidence", "quick"],
+        help="evidence: the default training with rewards along the whole CFG curve (1, 2, 3, "
+        "5, 7.5, 10), for 8+ seeds",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--runs", nargs="+", default=None, help="a subset of dpo bdpo snpo_naive snpo")
     p.add_argument("--steps", type=int, default=None, help="override the budget's steps")
     p.add_argument("--beta", type=float, default=None, help="default: compare_flow.FLOW_BETA")
     p.add_argument("--jobs", type=int, default=None, help="processes (default: one per core)")
@@ -342,7 +355,8 @@ def cmd_compare_flow(args: argparse.Namespace) -> int:
         raise SystemExit(f"--steps must be at least 1, got {args.steps}")
     beta = FLOW_BETA if args.beta is None else args.beta
     res = compare_flow(args.out, seeds=args.seeds, budget=budget_for(args.budget, args.steps),
-                       beta=beta, jobs=args.jobs, overwrite=args.overwrite)  # fmt: skip
+                       beta=beta, jobs=args.jobs, overwrite=args.overwrite,
+                       runs=args.runs)  # fmt: skip
     print((Path(args.out) / "results.md").read_text())
     print(f"results in {Path(args.out).resolve()} ({res['invocations'][-1]['seconds']:.0f} s)")
     return 0

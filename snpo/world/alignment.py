@@ -68,17 +68,19 @@ def run_trainer(
     log: Path | None = None,
     threads: int | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    module: str = "snpo.train",
 ) -> None:
     """``python -m snpo.train --config CONFIG [OVERRIDES]`` in its own process (the trainer owns
     its process: DeepSpeed, signal handlers), its output in ``log`` (None: this process's
     stdout); SystemExit, with the log's tail, when it fails. ``threads``: its OMP_NUM_THREADS
-    (default: every core, or SNPO_DEMO_THREADS)."""
+    (default: every core, or SNPO_DEMO_THREADS). ``module``: what ``python -m`` runs (a world
+    variant of the trainer such as :mod:`snpo.world.nonull`)."""
     if threads is None:
         threads = int(os.environ.get("SNPO_DEMO_THREADS", str(os.cpu_count() or 1)))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for name in LAUNCHER_VARIABLES:  # an independent run: its own rank 0 and its own free port
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "snpo.train", "--config", str(config), *overrides]
+    cmd = [sys.executable, "-m", module, "--config", str(config), *overrides]
     if log is None:
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:

@@ -6,12 +6,18 @@
 Runs (docs/world.md, "Alignment protocol"; every run is ``snpo.train`` on the shipped pairs):
     dpo (λ 1), bdpo (λ 0.9), npo (the negative model, λ 1) + Diffusion-NPO merge used as CFG's
     null branch of the dpo model, snpo_naive (λ 1), snpo (λ 0.9), snpo λ 0.5, and snpo with the
-    ELBO's weight T·ω(t) instead of the Diffusion-DPO code's weight 1.
+    ELBO's weight T·ω(t) instead of the Diffusion-DPO code's weight 1. Only when named with
+    ``--runs`` (docs/world.md, "The CFG 1 cost"): dpo_nonull (dpo with the null-branch pairs
+    weighted 0, :mod:`.nonull`), dpo_p0.05 and snpo_p0.05 (null-branch probability 0.05; their
+    own reference-error caches, ``cache-sN-p0.05``).
 For each run and seed: the known reward of CFG samples at several guidance scales (training and
 held-out prompts, each reward component), implicit accuracy of both branches on held-out pairs
 (``snpo eval``) and the training curves (loss, per-branch accuracy, winner log-likelihood proxy,
 every step from metrics.jsonl). Writes results.json, results.md (mean ± std over seeds),
 curves.png and grid.png (seed 0's samples at the largest guidance scale).
+
+Length (~700 lines): the run table, the job graph (caches, trainings, evaluations) and the
+report of one comparison; each part is small and they share the job records.
 
 How it runs: one reference-error cache per seed (``snpo.cache.build_cache``; the reference errors depend on
 the seed's draws only, not on the objective, so all seven runs of a seed share it), then the
@@ -43,7 +49,19 @@ RUNS: dict[str, dict] = {
     "snpo": {"objective": "snpo", "lam": 0.9},
     "snpo_lam0.5": {"objective": "snpo", "lam": 0.5},
     "snpo_elbo": {"objective": "snpo", "lam": 0.9, "weighting": "elbo"},
+    # --- the CFG 1 study (docs/world.md, "The CFG 1 cost"); only when named in --runs ---
+    # dpo whose null-prompt-branch pairs are drawn as in dpo but weigh 0 in the loss: the same
+    # conditional pairs as dpo and snpo, no null-branch training (:mod:`.nonull`)
+    "dpo_nonull": {"objective": "dpo", "lam": 1.0, "null_pairs": "dropped"},
+    # a pair goes to the null branch with probability 0.05 instead of ALIGN's 0.2 (the draws of
+    # a seed are nested: the null pairs at 0.05 are a subset of those at 0.2, same noise)
+    "dpo_p0.05": {"objective": "dpo", "lam": 1.0, "uncond_prob": 0.05},
+    "snpo_p0.05": {"objective": "snpo", "lam": 0.9, "uncond_prob": 0.05},
 }
+# what a plain `compare` runs (the study's runs above only when named)
+DEFAULT_RUNS = ("dpo", "bdpo", "npo", "snpo_naive", "snpo", "snpo_lam0.5", "snpo_elbo")
+# keys of a RUNS entry that are the world's, not the trainer's: how the run is launched
+WORLD_KEYS = ("null_pairs",)
 NPO_MERGED = "npo+merge"  # the dpo model sampled with the merged negative model as null branch
 SCALES = (1.0, 3.0, 7.5)
 
@@ -120,8 +138,9 @@ def job_cache(config: str, cache: str, log: str) -> dict:
     return {"cache": cache, "skipped": False}
 
 
-def job_train(config: str, run: str, log: str, threads: int) -> dict:
-    """One alignment run through the real trainer; ``run/done.json`` marks it complete."""
+def job_train(config: str, run: str, log: str, threads: int, module: str = "snpo.train") -> dict:
+    """One alignment run through the real trainer (``python -m MODULE``: snpo.train, or a
+    world variant of it, :func:`trainer_module`); ``run/done.json`` marks it complete."""
     run_dir = Path(run)
     if (run_dir / "done.json").is_file():
         return {"run": run, "skipped": True}
@@ -129,7 +148,7 @@ def job_train(config: str, run: str, log: str, threads: int) -> dict:
         shutil.rmtree(run_dir)
 
     t = time.perf_counter()
-    run_trainer(Path(config), Path(log), threads)
+    run_trainer(Path(config), Path(log), threads, module=module)
     _write_json(run_dir / "done.json", {"seconds": round(time.perf_counter() - t, 1)})
     return {"run": run, "skipped": False}
 
@@ -181,13 +200,26 @@ def job_rewards(
 def job_preference(
     base: str, models: dict[str, str], pairs: str, out: str, max_pairs: int | None, timesteps: int
 ) -> dict:
-    """``snpo eval`` implicit accuracy of every model of one seed on the held-out pairs."""
+    """``snpo eval`` implicit accuracy of every model of one seed on the held-out pairs. A rerun
+    with more runs evaluates only the models missing from ``preference.json`` and adds them
+    (a model's accuracy depends on the pairs and the draws, not on the other models)."""
     from snpo.world.demo import preference_eval
 
     done = Path(out) / "preference.json"
-    if done.is_file():
+    old = json.loads(done.read_text()) if done.is_file() else None
+    todo = {n: m for n, m in models.items() if old is None or n not in old["models"]}
+    if not todo:
         return {"preference": str(done), "skipped": True}
-    preference_eval(base, models, pairs, Path(out), max_pairs, timesteps)
+    if old is None:
+        preference_eval(base, todo, pairs, Path(out), max_pairs, timesteps)
+        return {"preference": str(done), "skipped": False}
+    extra = Path(out) / "added"
+    preference_eval(base, todo, pairs, extra, max_pairs, timesteps)
+    new = json.loads((extra / "preference.json").read_text())
+    old["models"].update(new["models"])
+    old["settings"]["models"] = {**old["settings"]["models"], **new["settings"]["models"]}
+    _write_json(done, old)
+    shutil.rmtree(extra)
     return {"preference": str(done), "skipped": False}
 
 
@@ -195,7 +227,6 @@ def job_preference(
 
 
 def _settings(seeds: list[int], budget: Budget, names: list[str]) -> dict:
-
     runs = {n: RUNS[n] for n in names}
     return {"seeds": list(seeds), "budget": asdict(budget), "runs": runs, "align": ALIGN}
 
@@ -211,9 +242,10 @@ def report_rows(names: list[str]) -> list[str]:
 
 
 def run_names(runs: list[str] | None) -> list[str]:
-    """The runs asked for, in RUNS' order (all by default); unknown names are refused."""
+    """The runs asked for, in RUNS' order (DEFAULT_RUNS by default); unknown names are
+    refused."""
     if not runs:
-        return list(RUNS)
+        return list(DEFAULT_RUNS)
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
@@ -228,9 +260,20 @@ def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
     if not path.is_file():
         return
     additive = ("seeds", "runs")
-    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in additive}
+    stored = json.loads(path.read_text())
     settings = json.loads(json.dumps(settings))  # as stored: tuples are lists
+    # a run of the same name must be the same run (its objective, λ, uncond_prob, …)
+    new_runs, old_runs = settings.get("runs"), stored.get("runs")
+    changed = []
+    if isinstance(new_runs, dict) and isinstance(old_runs, dict):
+        changed = [n for n, r in new_runs.items() if n in old_runs and old_runs[n] != r]
+    old = {k: v for k, v in stored.items() if k not in additive}
     settings = {k: v for k, v in settings.items() if k not in additive}
+    if changed:
+        old["runs"], settings["runs"] = (
+            {n: stored["runs"][n] for n in changed},
+            {n: new_runs[n] for n in changed},
+        )
     if old == settings:
         return
     if overwrite:
@@ -260,28 +303,38 @@ def plan(
                                                    out=str(out / "rewards" / "base.json"),
                                                    budget=b))]  # fmt: skip
     for seed in seeds:
-        runs, cache = out / "runs", out / f"cache-s{seed}"
+        runs = out / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         common = {"report_to": "none", "progress_bar": False}
-        cache_cfg = write_config(
-            runs / f"cache-s{seed}.yaml", model=base, data=data, out=runs / f"cache-s{seed}",
-            steps=budget.steps, seed=seed, overrides={**RUNS["dpo"], **common},
-        )  # fmt: skip
-        jobs.append(
-            Job(
-                f"cache s{seed}",
-                job_cache,
-                dict(config=str(cache_cfg), cache=str(cache),
-                     log=str(runs / f"cache-s{seed}.log")),
-            )
-        )  # fmt: skip
+        caches: dict[str, Path] = {}  # cache tag → folder, one per null-branch probability
+        for name in names:
+            tag = cache_tag(RUNS[name])
+            if tag in caches:
+                continue
+            caches[tag] = cache = out / f"cache-s{seed}{tag}"
+            p = {"uncond_prob": RUNS[name]["uncond_prob"]} if tag else {}
+            cache_cfg = write_config(
+                runs / f"cache-s{seed}{tag}.yaml", model=base, data=data,
+                out=runs / f"cache-s{seed}{tag}", steps=budget.steps, seed=seed,
+                overrides={**RUNS["dpo"], **p, **common},
+            )  # fmt: skip
+            jobs.append(
+                Job(
+                    f"cache s{seed}{tag}",
+                    job_cache,
+                    dict(config=str(cache_cfg), cache=str(cache),
+                         log=str(runs / f"cache-s{seed}{tag}.log")),
+                )
+            )  # fmt: skip
         exports = {}
         for name in names:
             run = runs / f"{name}-s{seed}"
+            tag = cache_tag(RUNS[name])
             cfg = write_config(
                 runs / f"{name}-s{seed}.yaml", model=base, data=data, out=run, steps=budget.steps,
                 seed=seed,
-                overrides={**RUNS[name], **common, "ref_mode": "cache", "cache_dir": str(cache)},
+                overrides={**trainer_options(RUNS[name]), **common, "ref_mode": "cache",
+                           "cache_dir": str(caches[tag])},
             )  # fmt: skip
             exports[name] = str(run / "export")
             jobs.append(
@@ -289,8 +342,8 @@ def plan(
                     f"train {name} s{seed}",
                     job_train,
                     dict(config=str(cfg), run=str(run), log=str(runs / f"{name}-s{seed}.log"),
-                         threads=threads),
-                    deps=(f"cache s{seed}",),
+                         threads=threads, module=trainer_module(RUNS[name])),
+                    deps=(f"cache s{seed}{tag}",),
                 )
             )  # fmt: skip
         for name in names:
@@ -337,6 +390,29 @@ def plan(
             )
         )  # fmt: skip
     return jobs
+
+
+def cache_tag(run: dict) -> str:
+    """The suffix of the reference-error cache a run trains from: "" for ALIGN's null-branch
+    probability, "-p0.05" for another one (the draws, hence the reference errors, depend on
+    it; the cache refuses a run with another uncond_prob)."""
+    p = run.get("uncond_prob", ALIGN["uncond_prob"])
+    return "" if p == ALIGN["uncond_prob"] else f"-p{p:g}"
+
+
+def trainer_options(run: dict) -> dict:
+    """A RUNS entry without the world's own keys (WORLD_KEYS): what goes into the config."""
+    return {k: v for k, v in run.items() if k not in WORLD_KEYS}
+
+
+def trainer_module(run: dict) -> str:
+    """``python -m`` this: the trainer, or :mod:`snpo.world.nonull` for null_pairs "dropped"."""
+    mode = run.get("null_pairs", "trained")
+    if mode == "trained":
+        return "snpo.train"
+    if mode == "dropped":
+        return "snpo.world.nonull"
+    raise ValueError(f"null_pairs: {mode!r} (trained | dropped)")
 
 
 def default_jobs() -> int:

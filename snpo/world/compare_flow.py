@@ -1,7 +1,8 @@
 """The comparison in flow matching: dpo / bdpo / snpo_naive / snpo on the world's flow base.
 
-    python -m snpo.world compare-flow [--out runs/compare-flow] [--budget default|quick]
-                                      [--seeds 0 1 2] [--steps N] [--beta B] [--jobs J]
+    python -m snpo.world compare-flow [--out runs/compare-flow] [--budget default|evidence|quick]
+                                      [--seeds 0 1 2] [--runs dpo snpo ...] [--steps N]
+                                      [--beta B] [--jobs J]
 
 The same protocol as :mod:`.compare` (every run is ``snpo.train`` on the flow base's own pairs,
 ``snpo/world/assets_flow/``; one reference-error cache per seed; the known reward of CFG
@@ -9,7 +10,9 @@ samples, Euler sampling; per-branch implicit accuracy on held-out pairs through 
 with the flow family's σ draws instead of DDPM timesteps and β for velocity errors
 (:data:`FLOW_BETA`, chosen by :func:`error_scale`; docs/world.md). Besides the tables of
 :func:`snpo.world.compare.results_table` it reports the ε base's reward at the same budget and
-the paired difference snpo − dpo per seed with a Student-t interval (:func:`paired_difference`).
+the paired difference snpo − dpo per seed with a Student-t interval (:func:`paired_difference`),
+and, as :mod:`.compare` does, ``paired.md`` and ``cfg_curve.png`` (:mod:`snpo.world.paired`:
+every headline pair and each run against the flow base, all prompts, with the CFG curve).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .compare import (
     record_invocation,
     results_table,
     samples_path,
+    write_paired,
 )
 from .jobs import Job, run_jobs
 
@@ -51,6 +55,9 @@ FLOW_BETA = 1000.0
 FLOW_BUDGETS: dict[str, Budget] = {
     # what fits ~25 minutes of a contended 2-core CPU next to other work (docs/world.md)
     "default": Budget(40, 16, 16, 1, 20, SCALES, 256, 1),
+    # the evidence runs: the default training, rewards along the whole CFG curve (as the ε
+    # world's evidence budget; meant for ≥ 8 seeds of dpo, snpo_naive and snpo)
+    "evidence": Budget(40, 16, 16, 1, 20, BUDGETS["evidence"].scales, 256, 1),
     "quick": BUDGETS["quick"],
 }
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
@@ -224,12 +231,14 @@ def compare_flow(
     beta: float = FLOW_BETA,
     jobs: int | None = None,
     overwrite: bool = False,
+    runs: list[str] | None = None,
 ) -> dict:
-    """Plan, run (resuming) and report the flow comparison; returns results.json's dict."""
+    """Plan, run (resuming) and report the flow comparison; returns results.json's dict.
+    ``runs``: a subset of FLOW_RUNS (default all four), additive like the seeds."""
     from .compare import default_jobs
 
     out = Path(out)
-    names = list(FLOW_RUNS)
+    names = flow_run_names(runs)
     settings = {"seeds": list(seeds), "budget": asdict(budget), "beta": beta,
                 "runs": {n: RUNS[n] for n in names}, "family": "flow_unet",
                 "assets": str(flow_assets())}  # fmt: skip
@@ -260,15 +269,28 @@ def compare_flow(
     import json
 
     results["eps_base"] = json.loads((out / "rewards" / "eps_base.json").read_text())
-    results["paired"] = paired_difference(results) if len(seeds) else {}
+    pair = "snpo" in names and "dpo" in names and len(seeds)
+    results["paired"] = paired_difference(results) if pair else {}
     _write_json(out / "results.json", results)
     text = results_table(results).replace("Small world comparison", "Small world, flow matching")
     text = text.replace("noise seed(s), DDIM", "noise seed(s), Euler (ε base: DDIM)")
     text += f"\nβ = {beta:g} (velocity errors; the ε world uses 2000).\n\n"
-    text += paired_table(results["paired"], results["eps_base"], results["base"])
+    if pair:
+        text += paired_table(results["paired"], results["eps_base"], results["base"])
     (out / "results.md").write_text(text)
     plot_curves(results, out / "curves.png")
+    write_paired(out, results, names)  # paired.md, cfg_curve.png (snpo.world.paired)
     return results
+
+
+def flow_run_names(runs: list[str] | None) -> list[str]:
+    """The flow runs asked for, in FLOW_RUNS' order (all four by default)."""
+    if not runs:
+        return list(FLOW_RUNS)
+    unknown = [r for r in runs if r not in FLOW_RUNS]
+    if unknown:
+        raise SystemExit(f"unknown flow run(s) {unknown}; choose from {list(FLOW_RUNS)}")
+    return [n for n in FLOW_RUNS if n in runs]
 
 
 def budget_for(name: str, steps: int | None) -> Budget:

@@ -217,18 +217,159 @@ def plot_cfg_curve(results: dict, runs: list[str], path: str | Path, *, split="a
 
 
 HEADLINE = [("snpo", "dpo"), ("snpo_naive", "dpo"), ("snpo", "snpo_naive")]
+# the CFG 1 study (docs/world.md, "The CFG 1 cost"): which pairs separate its hypotheses
+STUDY = [
+    ("dpo_nonull", "dpo"),  # what dpo's normal-label null-branch pairs add
+    ("snpo_naive", "dpo_nonull"),  # what reversed null-branch pairs cost (λ 1 both)
+    ("snpo", "dpo_nonull"),
+    ("snpo_p0.05", "dpo_p0.05"),  # the snpo − dpo gap at p = 0.05
+    ("snpo_p0.05", "snpo"),
+    ("dpo_p0.05", "dpo"),
+]
+# (a − b) − (c − d) per seed: does the snpo − dpo gap change with p?
+CONTRASTS = [(("snpo", "dpo"), ("snpo_p0.05", "dpo_p0.05"))]
+
+
+def contrast_table(results: dict, contrasts: list[tuple], *, split: str = "all") -> str:
+    """Markdown: per seed (a − b) − (c − d) of the reward at each scale, with its 95 %
+    t-interval (a difference of two paired differences of the same seeds)."""
+    scales = scales_of(results)
+    lines = [
+        "| difference of differences (reward) | seeds | "
+        + " | ".join(f"CFG {g:g}" for g in scales) + " |",
+        "|---|---|" + "---|" * len(scales),
+    ]  # fmt: skip
+    for (a, b), (c, d) in contrasts:
+        if any(r not in results["runs"] for r in (a, b, c, d)):
+            continue
+        cells, n = [], 0
+        for g in scales:
+            d1, d2 = (
+                per_seed(results, a, b, g, split=split),
+                per_seed(results, c, d, g, split=split),
+            )
+            vals = [d1[s] - d2[s] for s in d1 if s in d2]
+            if len(vals) < 2:
+                cells.append("—")
+                continue
+            iv = t_interval(vals)
+            n = iv.n
+            cells.append(iv.text())
+        lines.append(f"| ({a} − {b}) − ({c} − {d}) | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def report(results: dict, runs: list[str]) -> str:
     """The paired-statistics section of a comparison's results (markdown)."""
     pairs = [p for p in HEADLINE if p[0] in runs and p[1] in runs]
-    pairs += [(r, "dpo") for r in runs if r not in ("dpo", "snpo", "snpo_naive") and "dpo" in runs]
+    pairs += [p for p in STUDY if p[0] in runs and p[1] in runs]
+    covered = {"dpo", "snpo", "snpo_naive"} | {a for a, _ in pairs}
+    pairs += [(r, "dpo") for r in runs if r not in covered and "dpo" in runs]
     base_pairs = [(r, "base") for r in runs]
+    contrasts = [c for c in CONTRASTS if all(r in runs for pair in c for r in pair)]
+    extra = (
+        "\nDoes the gap change with the null-branch probability p?\n\n"
+        + contrast_table(results, contrasts)
+        if contrasts
+        else ""
+    )
     return (
         "## Paired differences (95 % t-interval over seeds; * = the interval excludes 0)\n\n"
         + paired_table(results, pairs + base_pairs)
+        + extra
         + "\nHeld-out implicit accuracy and winner log-likelihood proxy:\n\n"
         + preference_table(results, pairs)
         + "\n## The CFG curve (mean over seeds)\n\n"
         + cfg_curve_table(results, runs)
     )
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def merge_results(parts: list[dict], sources: list[str] | None = None) -> dict:
+    """One results.json from comparisons that share their world, budget, alignment settings
+    and base evaluation but hold other runs (e.g. committed runs and new ones of the same
+    seeds): the union of the runs, each seed's entries as measured. Refuses parts whose
+    settings (other than seeds and runs) or base rewards differ, and a run of the same name
+    defined differently or measured differently at a seed both hold."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    sources = sources or [f"part {i}" for i in range(len(parts))]
+    first = parts[0]
+
+    def fixed(r: dict) -> dict:
+        return {k: v for k, v in r["settings"].items() if k not in ("seeds", "runs")}
+
+    out = {
+        "settings": {**first["settings"], "seeds": [], "runs": {}},
+        "runs": {},
+        "base": first["base"],
+        "invocations": [],
+        "merged_from": list(sources),
+    }
+    seeds: set[int] = set()
+    for part, src in zip(parts, sources, strict=True):
+        if fixed(part) != fixed(first):
+            diff = sorted(k for k in set(fixed(part)) | set(fixed(first))
+                          if fixed(part).get(k) != fixed(first).get(k))  # fmt: skip
+            raise ValueError(f"{src}: other settings than {sources[0]} ({', '.join(diff)})")
+        if part["base"] != first["base"]:
+            raise ValueError(f"{src}: another base evaluation than {sources[0]}")
+        seeds |= set(part["settings"]["seeds"])
+        for name, definition in part["settings"]["runs"].items():
+            known = out["settings"]["runs"].setdefault(name, definition)
+            if known != definition:
+                raise ValueError(f"{src}: run {name} is defined otherwise ({definition} ≠ {known})")
+        for name, entry in part["runs"].items():
+            have = out["runs"].setdefault(name, {"seeds": {}})["seeds"]
+            for seed, e in entry["seeds"].items():
+                if seed in have and have[seed]["rewards"] != e["rewards"]:
+                    raise ValueError(f"{src}: {name} seed {seed} differs from an earlier part")
+                have.setdefault(seed, e)
+        out["invocations"] += [{**i, "source": src} for i in part.get("invocations", [])]
+    out["settings"]["seeds"] = sorted(seeds)
+    return out
+
+
+def write_merged(out: str | Path, results_files: list[str | Path]) -> dict:
+    """Merge ``results_files`` (:func:`merge_results`) into ``out``: results.json, results.md,
+    paired.md and cfg_curve.png, as ``compare`` writes them."""
+    import json
+
+    from snpo.atomic import atomic_write_text
+
+    from .compare import results_table
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [json.loads(Path(f).read_text()) for f in results_files]
+    results = merge_results(parts, [str(f) for f in results_files])
+    runs = list(results["runs"])
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "results.md", results_table(results))
+    if len(results["settings"]["seeds"]) >= 2:
+        atomic_write_text(out / "paired.md", report(results, runs))
+        plot_cfg_curve(results, runs, out / "cfg_curve.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m snpo.world.paired OUT RESULTS.json [RESULTS.json ...]``: merge comparisons
+    of the same seeds' world (see :func:`write_merged`) and report them."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m snpo.world.paired", description=main.__doc__)
+    ap.add_argument("out", help="folder for the merged results.json, results.md, paired.md")
+    ap.add_argument("results", nargs="+", help="results.json files of finished comparisons")
+    args = ap.parse_args(argv)
+    try:
+        write_merged(args.out, args.results)
+    except ValueError as err:
+        raise SystemExit(f"cannot merge: {err}") from None
+    print((Path(args.out) / "paired.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -79,3 +79,26 @@ def test_t_interval():
 
     r = t_interval([1.0, 2.0, 3.0])
     assert r["mean"] == 2.0 and r["half_width"] == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+
+
+def test_flow_comparison_runs_budgets_and_paired_report(tmp_path):
+    """compare-flow takes a subset of its runs and the evidence budget (the whole CFG curve),
+    and its results.json has the layout snpo.world.paired reads (the committed first run)."""
+    from pathlib import Path
+
+    from snpo.world.compare import BUDGETS, write_paired
+    from snpo.world.compare_flow import FLOW_BUDGETS, flow_run_names
+
+    assert flow_run_names(None) == ["dpo", "bdpo", "snpo_naive", "snpo"]
+    assert flow_run_names(["snpo", "dpo", "snpo_naive"]) == ["dpo", "snpo_naive", "snpo"]
+    with pytest.raises(SystemExit, match="npo"):
+        flow_run_names(["npo"])
+    ev = FLOW_BUDGETS["evidence"]
+    assert ev.scales == (1.0, 2.0, 3.0, 5.0, 7.5, 10.0) == BUDGETS["evidence"].scales
+    assert ev.steps == FLOW_BUDGETS["default"].steps  # the same training, a longer curve
+    committed = Path(__file__).parents[2] / "docs" / "results" / "compare-flow" / "results.json"
+    results = json.loads(committed.read_text())
+    write_paired(tmp_path, results, ["dpo", "snpo_naive", "snpo"])
+    text = (tmp_path / "paired.md").read_text()
+    assert "| snpo − dpo | 3 |" in text and "| snpo − base | 3 |" in text
+    assert (tmp_path / "cfg_curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -81,3 +81,90 @@ def test_tables_and_plot(tmp_path):
     assert "snpo − dpo" in text and "CFG curve" in text
     png = plot_cfg_curve(res, ["dpo", "snpo"], tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _split(res: dict, names: list[str]) -> dict:
+    """The part of ``res`` holding only ``names`` (as a comparison of those runs writes it)."""
+    return {**res, "settings": {**res["settings"], "runs": {n: {"objective": n} for n in names}},
+            "runs": {n: res["runs"][n] for n in names}}  # fmt: skip
+
+
+def test_merge_results_unions_runs_and_refuses_what_differs(tmp_path):
+    import copy
+    import json
+
+    from snpo.world.paired import merge_results, write_merged
+
+    res = _results(4, effect=0.03)
+    res["settings"]["budget"] |= {"steps": 100, "eval_train": 16, "eval_heldout": 16,
+                                  "eval_seeds": 1, "sample_steps": 20, "pref_pairs": 384,
+                                  "pref_timesteps": 1}  # fmt: skip
+    a, b = _split(res, ["dpo"]), _split(res, ["snpo"])
+    merged = merge_results([a, b], ["a", "b"])
+    assert list(merged["runs"]) == ["dpo", "snpo"] and merged["settings"]["seeds"] == [0, 1, 2, 3]
+    assert per_seed(merged, "snpo", "dpo", 7.5) == per_seed(res, "snpo", "dpo", 7.5)
+    other = copy.deepcopy(b)
+    other["settings"]["budget"] = {**other["settings"]["budget"], "steps": 300}
+    with pytest.raises(ValueError, match="budget"):
+        merge_results([a, other])
+    other = copy.deepcopy(b)
+    other["base"]["scales"]["1"]["all"]["reward"] = 0.1
+    with pytest.raises(ValueError, match="base"):
+        merge_results([a, other])
+    other = copy.deepcopy(a)
+    other["runs"]["dpo"]["seeds"]["0"]["rewards"]["scales"]["1"]["all"]["reward"] += 0.01
+    with pytest.raises(ValueError, match="seed 0 differs"):
+        merge_results([a, other])
+    other = _split(res, ["dpo"])
+    other["settings"]["runs"]["dpo"] = {"objective": "dpo", "uncond_prob": 0.05}
+    with pytest.raises(ValueError, match="defined otherwise"):
+        merge_results([a, other])
+    # the same seed measured the same in two parts is one entry
+    assert merge_results([a, a])["runs"]["dpo"]["seeds"] == a["runs"]["dpo"]["seeds"]
+    files = []
+    for name, part in (("a", a), ("b", b)):
+        for r in part["runs"].values():  # results_table needs the reward's train/held-out split
+            for s in r["seeds"].values():
+                for v in s["rewards"]["scales"].values():
+                    v["train"] = v["heldout"] = v["all"]
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(part))
+    for v in res["base"]["scales"].values():
+        v["train"] = v["heldout"] = v["all"]
+    for f in files:  # the base as both parts hold it
+        p = json.loads(f.read_text())
+        p["base"] = res["base"]
+        f.write_text(json.dumps(p))
+    write_merged(tmp_path / "out", files)
+    assert "| snpo − dpo | 4 |" in (tmp_path / "out" / "paired.md").read_text()
+    assert (tmp_path / "out" / "cfg_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| snpo |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_study_pairs_and_the_difference_of_differences():
+    from snpo.world.paired import contrast_table
+
+    res = _results(6, effect=0.03)
+    # four runs: the gap snpo − dpo is 0.03 at 7.5, the gap at p 0.05 is 0.01
+    for name, src, shift in (("dpo_p0.05", "dpo", 0.0), ("snpo_p0.05", "dpo", 0.01)):
+        res["runs"][name] = {"seeds": {}}
+        for s, e in res["runs"][src]["seeds"].items():
+            e2 = json_copy(e)
+            e2["rewards"]["scales"]["7.5"]["all"]["reward"] += shift
+            res["runs"][name]["seeds"][s] = e2
+    table = contrast_table(res, [(("snpo", "dpo"), ("snpo_p0.05", "dpo_p0.05"))])
+    row = next(r for r in table.splitlines() if r.startswith("| (snpo"))
+    cfg1, cfg75 = (c.strip() for c in row.strip(" |").split("|")[2:4])
+    assert cfg1 == "+0.000 [+0.000, +0.000]"
+    assert cfg75.endswith("*") and 0.005 < float(cfg75.split()[0]) < 0.035  # 0.02 + noise
+    text = report(res, ["dpo", "snpo", "dpo_p0.05", "snpo_p0.05"])
+    for row in ("| snpo_p0.05 − dpo_p0.05 |", "| dpo_p0.05 − dpo |", "| snpo_p0.05 − snpo |",
+                "| (snpo − dpo) − (snpo_p0.05 − dpo_p0.05) |"):  # fmt: skip
+        assert row in text
+    assert text.count("| snpo_p0.05 − dpo |") == 0  # covered by the study pairs
+
+
+def json_copy(x):
+    import json
+
+    return json.loads(json.dumps(x))
