@@ -771,8 +771,8 @@ def check_frames(num_frames: int, family) -> str | None:
 
 
 def _validate_buckets(cfg: TrainConfig, *, check_files: bool) -> None:
-    """``resolution_buckets``: auto or WxH sizes, on the VAE factor's grid; not with cached
-    latents / reference errors (square) nor the windowed order."""
+    """``resolution_buckets``: auto or WxH sizes, on the VAE factor's grid; not with the
+    windowed order (a cache built for the bucketed config serves it: docs/cache.md)."""
     if cfg.resolution_buckets is None:
         return
     from snpo.data.buckets import AUTO, check_buckets, parse_buckets
@@ -785,13 +785,6 @@ def _validate_buckets(cfg: TrainConfig, *, check_files: bool) -> None:
         raise ConfigError(
             "resolution_buckets: buckets make their own order (one bucket per micro-batch); "
             "they do not combine with data_order: windowed — use data_order: global"
-        )
-    reads_images = cfg.cache_use is None or set(cfg.cache_use) - {"text"}
-    if cfg.cache_dir and cfg.ref_mode != "live" and reads_images:
-        raise ConfigError(
-            "resolution_buckets: a latents / reference-error cache (cache_dir, cache_use "
-            f"{cfg.cache_use}) holds square {cfg.resolution}² crops; with buckets set cache_use: "
-            "[text], or ref_mode: live, or resolution_buckets: null"
         )
     factor = _vae_factor(cfg.model) if check_files else None
     if parsed != AUTO and factor:

@@ -48,13 +48,19 @@ DEFAULT_SHARD_SIZE = 4096
 DEFAULT_BATCH_SIZE = 8
 
 
-def epochs_needed(cfg, num_pairs: int, world: int = 1) -> int:
+def epochs_needed(cfg, num_pairs: int, world: int = 1, buckets: dict | None = None) -> int:
     """How many epochs a run of ``cfg`` on ``world`` processes touches: ⌈max_steps ·
-    gradient_accumulation_steps / batches per epoch⌉ (:class:`snpo.data.PairOrder`)."""
+    gradient_accumulation_steps / batches per epoch⌉ (:class:`snpo.data.PairOrder`; with
+    ``buckets``, the :func:`snpo.data.order.bucket_options` of the run, its bucketed order)."""
     from snpo.data import PairOrder
 
     order = PairOrder(
-        num_pairs, seed=cfg.seed, rank=0, world=world, micro=cfg.train_batch_size_per_gpu
+        num_pairs,
+        seed=cfg.seed,
+        rank=0,
+        world=world,
+        micro=cfg.train_batch_size_per_gpu,
+        **(buckets or {}),
     )
     total = cfg.max_steps * cfg.gradient_accumulation_steps
     return (total - 1) // order.batches_per_epoch + 1
@@ -126,16 +132,21 @@ def build_cache(
                 merge_parts(out)
         source = open_source(cfg)
         n = len(source)
-        epochs = int(epochs_needed(cfg, n, train_world) if epochs is None else epochs)
         dtype = dtype_of(cfg.precision)
         t0 = time.perf_counter()
         model = _load_model(cfg, device, dtype)
         t_load = time.perf_counter() - t0
+        buckets = None  # resolution_buckets: each pair's bucket, as the trainer assigns it
+        if cfg.resolution_buckets is not None and set(what) - {"text"}:
+            from snpo.data.order import bucket_options
+
+            buckets = bucket_options(cfg, source, model, progress=verbose and rank == 0)
+        epochs = int(epochs_needed(cfg, n, train_world, buckets) if epochs is None else epochs)
         view = merged_view(out)
         caps = captions(source) if "text" in what else None
         plan = plan_sections(
             cfg, model, what, view, n, caps, shard_size, batch_size, latent_dtype, latent_mode,
-            ref_inputs,
+            ref_inputs, buckets,
         )  # fmt: skip
         reconcile(
             out, view, plan, overwrite=overwrite, rank=rank, independent=world > 1 and d is None
@@ -163,6 +174,7 @@ def build_cache(
             debug_stop_after=debug_stop_after,
             grouped=d is not None,
             ref_inputs=plan["ref"]["layout"]["inputs"] if "ref" in plan else None,
+            buckets=buckets,
         )
         sections = {k: v for k, v in plan.items() if not k.startswith("_")}
         b.register(sections)

@@ -174,12 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         bad = [w for w in what if w not in SECTIONS]
         if bad:
             raise ConfigError(f"--what: unknown section(s) {bad}; choose from {SECTIONS}")
-        if cfg.resolution_buckets is not None and set(what) - {"text"}:
-            raise ConfigError(
-                "resolution_buckets: the cache stores square resolution² latents and their "
-                "reference errors; build only --what text for a bucketed run (or set "
-                "resolution_buckets: null)"
-            )
         ep = opts.get("epochs", "auto")
         epochs = None if ep == "auto" else int(ep)
         started = _init_distributed(cfg, opts)

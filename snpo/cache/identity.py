@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from snpo.cache.store import CacheError, sha256_file
 
 __all__ = [
+    "bucket_identity",
     "component_hash",
     "data_identity",
     "draws_version",
@@ -373,8 +374,34 @@ def data_identity(cfg) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------
 # section fingerprints
-def section_fingerprint(name: str, cfg, layout: dict, mid: dict, did: list[dict]) -> dict:
-    """The config-derived fields a section depends on (compared field by field)."""
+def bucket_identity(cfg, sizes, ids) -> dict | None:
+    """The ``resolution_buckets`` fields of the latents / ref fingerprints: the setting, the
+    resolved bucket list [[w, h], ...] and a SHA-256 of every pair's bucket id (None without
+    buckets, so square caches keep their fingerprints). ``sizes``/``ids`` None: not resolved
+    yet (a reader fills them from the cache and checks them once the run has its order,
+    :meth:`snpo.cache.Cache.check_buckets`)."""
+    if getattr(cfg, "resolution_buckets", None) is None:
+        return None
+    import numpy as np
+
+    out = {
+        "setting": cfg.resolution_buckets,
+        "sizes": None if sizes is None else [[int(w), int(h)] for w, h in sizes],
+        "assignment": None,
+    }
+    if ids is not None:
+        a = np.asarray(ids, dtype=np.int64)
+        out["assignment"] = "sha256:" + hashlib.sha256(a.tobytes()).hexdigest()
+    return out
+
+
+def section_fingerprint(
+    name: str, cfg, layout: dict, mid: dict, did: list[dict], buckets: dict | None = None
+) -> dict:
+    """The config-derived fields a section depends on (compared field by field); ``buckets``:
+    :func:`bucket_identity` (latents and ref of a ``resolution_buckets`` run only)."""
+    if buckets is None:
+        buckets = bucket_identity(cfg, None, None)
     common = {
         "data": did,
         "max_train_pairs": cfg.max_train_pairs,
@@ -397,10 +424,12 @@ def section_fingerprint(name: str, cfg, layout: dict, mid: dict, did: list[dict]
         fp = {**common, **image}
         if layout["mode"] == "epochs":  # the stored crops/flips are the seed's draws
             fp.update(seed=cfg.seed, draws_version=draws_version())
+        if buckets is not None:
+            fp["resolution_buckets"] = buckets
         return fp
     if name == "ref":
         denoiser = "unet_weights" if "unet_weights" in mid else "transformer_weights"
-        return {
+        fp = {
             **common,
             **image,
             **_flow_fields(cfg, mid),
@@ -412,6 +441,9 @@ def section_fingerprint(name: str, cfg, layout: dict, mid: dict, did: list[dict]
             "uncond_prob": cfg.uncond_prob,
             "draws_version": draws_version(),
         }
+        if buckets is not None:
+            fp["resolution_buckets"] = buckets
+        return fp
     raise ValueError(f"unknown cache section {name!r}")
 
 

@@ -58,10 +58,16 @@ class ImageItems(torch.utils.data.Dataset):
     bad-image rules and messages) but decodes winner and loser independently (per-image
     validity, so sft runs can use pairs whose loser is bad) and transforms each image once per
     variant: variants mode → flip False/True with the center crop; epochs mode → the (crop,
-    flip) that :func:`snpo.draws.augment_draws` gives for (seed, epoch, index)."""
+    flip) that :func:`snpo.draws.augment_draws` gives for (seed, epoch, index).
 
-    def __init__(self, source, cfg, mode: str, variants: int, epoch: int | None):
+    ``buckets`` ({"buckets": (n,) ids, "bucket_sizes": [(w, h)]}, ``resolution_buckets``):
+    each pair is transformed to its bucket as :class:`snpo.data.PairDataset` does for a
+    bucket key (:func:`snpo.data.transform.transform_to_bucket`, the winner's crop fraction for
+    both images): "x" is (2, V, 3, h, w) of the pair's bucket."""
+
+    def __init__(self, source, cfg, mode: str, variants: int, epoch: int | None, buckets=None):
         self.source, self.mode, self.variants = source, mode, variants
+        self.buckets = buckets
         self.epoch = epoch
         self.resolution, self.seed = cfg.resolution, cfg.seed
         self.random_crop, self.random_flip = cfg.random_crop, cfg.random_flip
@@ -80,12 +86,17 @@ class ImageItems(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         from snpo.data import decode_image, transform_image
+        from snpo.data.transform import transform_to_bucket
         from snpo.draws import augment_draws
 
         v_n, r = self.variants, self.resolution
+        bucket = None
+        if self.buckets is not None:
+            bucket = tuple(self.buckets["bucket_sizes"][int(self.buckets["buckets"][i])])
+        hw = (r, r) if bucket is None else (bucket[1], bucket[0])
         item = {
             "index": i,
-            "x": torch.zeros(2, v_n, 3, r, r),
+            "x": torch.zeros(2, v_n, 3, *hw),
             "size": torch.zeros(2, v_n, 2, dtype=torch.int32),
             "crop": torch.zeros(2, v_n, 2, dtype=torch.int32),
             "valid": [False, False],
@@ -111,9 +122,13 @@ class ImageItems(torch.utils.data.Dataset):
                 else:
                     flip = self.random_flip and bool(aug.flip[j])
                     rc, frac = self.random_crop, aug.crop[j]
-                x, size, crop = transform_image(
-                    im, r, random_crop=rc, flip=flip, crop_fraction=frac
-                )
+                if bucket is not None:  # as PairDataset: the winner's fraction for both
+                    fb = aug.crop[0] if aug is not None and rc else None
+                    x, size, crop = transform_to_bucket(im, bucket, flip=flip, crop_fraction=fb)
+                else:
+                    x, size, crop = transform_image(
+                        im, r, random_crop=rc, flip=flip, crop_fraction=frac
+                    )
                 item["x"][j, v] = x
                 item["size"][j, v] = torch.tensor(size, dtype=torch.int32)
                 item["crop"][j, v] = torch.tensor(crop, dtype=torch.int32)

@@ -8,7 +8,13 @@ import math
 import shutil
 from pathlib import Path
 
-from snpo.cache.identity import data_identity, inputs_digest, model_identity, section_fingerprint
+from snpo.cache.identity import (
+    bucket_identity,
+    data_identity,
+    inputs_digest,
+    model_identity,
+    section_fingerprint,
+)
 from snpo.cache.ranks import barrier
 from snpo.cache.sections import SECTION_LABEL
 from snpo.cache.store import (
@@ -62,9 +68,12 @@ def plan_sections(
     latent_dtype: str,
     latent_mode: str,
     ref_inputs: str,
+    buckets: dict | None = None,
 ) -> dict:
     """{section: {"fingerprint", "layout"}} of the sections in ``what`` for ``n`` pairs, plus
-    "_latent_shape" [C, h, w]; ``view``: what the folder holds (ref inputs may come from it)."""
+    "_latent_shape" [C, h, w]; ``view``: what the folder holds (ref inputs may come from it);
+    ``buckets``: the :func:`snpo.data.order.bucket_options` of a ``resolution_buckets`` run
+    (the latents/ref layouts list the buckets, their fingerprints the bucket identity)."""
     from snpo.models import null_embedding
 
     mid, did = model_identity(cfg), data_identity(cfg)
@@ -74,6 +83,11 @@ def plan_sections(
     pixel = model.vae is None
     plan: dict = {"_latent_shape": latent_shape}
     common = {"num_pairs": n, "shard_size": shard_size, "batch_size": batch_size}
+    bid = None
+    per_pair: dict = {}  # layout fields of bucketed latents / ref (none for square caches)
+    if buckets is not None:
+        bid = bucket_identity(cfg, buckets["bucket_sizes"], buckets["buckets"])
+        per_pair = {"buckets": bid["sizes"]}
     if "latents" in what:
         mode = latent_mode if latent_mode != "auto" else "epochs" if cfg.random_crop else "variants"
         layout = {
@@ -86,8 +100,9 @@ def plan_sections(
             "family": model.family,
             "latent_shape": latent_shape,
             "num_shards": math.ceil(n / shard_size),
+            **per_pair,
         }
-        fp = section_fingerprint("latents", cfg, layout, mid, did)
+        fp = section_fingerprint("latents", cfg, layout, mid, did, bid)
         plan["latents"] = {"fingerprint": fp, "layout": layout}
     if "text" in what:
         n_unique = len({c for c in captions if c is not None})
@@ -118,11 +133,12 @@ def plan_sections(
             "inputs": inputs,
             "num_shards": math.ceil(n / shard_size),
             "latent_shape": latent_shape,
+            **per_pair,
         }
         if inputs == "cache":  # bind the errors to the exact cached inputs
             probe = {s: plan.get(s) or view["sections"][s] for s in ("latents", "text")}
             layout["inputs_digest"] = inputs_digest({"sections": probe})
-        fp = section_fingerprint("ref", cfg, layout, mid, did)
+        fp = section_fingerprint("ref", cfg, layout, mid, did, bid)
         plan["ref"] = {"fingerprint": fp, "layout": layout}
     return plan
 

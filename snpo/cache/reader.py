@@ -125,7 +125,10 @@ class Cache:
                 if lay["mode"] == "variants"
                 else f"per epoch ({span(self.latent_epochs or [])})"
             )
-            bits.append(f"latents {lay['dtype']} {tuple(lay['latent_shape'])} {where}")
+            shape = tuple(lay["latent_shape"])
+            if lay.get("buckets") is not None:
+                shape = f"at {len(lay['buckets'])} resolution buckets"
+            bits.append(f"latents {lay['dtype']} {shape} {where}")
         if "text" in self.sections:
             bits.append(f"text ({self.layout('text')['num_prompts']} distinct prompts)")
         if "ref" in self.sections:
@@ -269,19 +272,26 @@ class Cache:
             crop_all = self._whole("latents", rel, "crop_top_left")[r]
             sizes.append(torch.stack([size_all[j, vs[j]] for j in range(n_img)]))
             crops.append(torch.stack([crop_all[j, vs[j]] for j in range(n_img)]))
-            crcs = self._whole("latents", rel, "row_crc")[r]
+            sfx, br = "", r
+            if lay.get("buckets") is not None:  # resolution_buckets: the pair's bucket tensors
+                b = int(self._whole("latents", rel, "bucket")[r])
+                sfx, br = f"_{b}", int(self._whole("latents", rel, "bucket_row")[r])
+            crcs = self._whole("latents", rel, "row_crc" + sfx)[br]
             for j in range(n_img):
-                sl = (slice(r, r + 1), slice(j, j + 1), slice(vs[j], vs[j] + 1))
+                sl = (slice(br, br + 1), slice(j, j + 1), slice(vs[j], vs[j] + 1))
                 what = f"pair {i} image {j} variant {vs[j]}"
                 if lay["pixel_space"]:
-                    (u,) = store.rows(rel, ["pixels"], sl, crcs[j, vs[j]], what)
+                    (u,) = store.rows(rel, ["pixels" + sfx], sl, crcs[j, vs[j]], what)
                     means[j].append(u[0, 0, 0].to(torch.float32).div_(127.5).sub_(1.0))
                 else:
-                    mu, lv = store.rows(rel, ["mean", "logvar"], sl, crcs[j, vs[j]], what)
+                    names = ["mean" + sfx, "logvar" + sfx]
+                    mu, lv = store.rows(rel, names, sl, crcs[j, vs[j]], what)
                     means[j].append(mu[0, 0, 0])
                     logvars[j].append(lv[0, 0, 0])
         if not idx:
             raise ValueError("no pair indices given")
+        if len({tuple(x.shape) for m in means for x in m}) > 1:
+            raise ValueError(f"pairs {idx} are of different resolution buckets")
         mean = torch.cat([torch.stack(m) for m in means])
         logvar = None if lay["pixel_space"] else torch.cat([torch.stack(v) for v in logvars])
         return CachedLatents(
@@ -387,8 +397,37 @@ class Cache:
             size = torch.cat([lat.original_size[:, j] for j in range(n_img)])
             crop = torch.cat([lat.crop_top_left[:, j] for j in range(n_img)])
             res = self.sections["latents"]["fingerprint"]["resolution"]
+            if self.layout("latents").get("buckets") is not None:  # the bucket's (h, w)
+                f = res // self.layout("latents")["latent_shape"][-1]
+                res = (int(mean.shape[-2]) * f, int(mean.shape[-1]) * f)
             tid = time_id_rows(size, crop, res).to(device=device, dtype=dtype)
         return latents.to(dtype), tid
+
+    def bucket_sizes(self, section: str) -> list[tuple[int, int]] | None:
+        """The (w, h) buckets of a ``resolution_buckets`` section (None: square)."""
+        b = self.layout(section).get("buckets")
+        return None if b is None else [tuple(x) for x in b]
+
+    def check_buckets(self, cfg, buckets: dict, *, epochs: int | None = None) -> None:
+        """Refuse (CacheMismatchError) latents / reference errors whose buckets or per-pair
+        bucket assignment are not those of the run's order (``buckets``:
+        :func:`snpo.data.order.bucket_options`), or, with ``epochs``, that do not cover epochs
+        0..epochs-1 of the run's bucketed order. What :func:`open_cache` could not check
+        before the run had resolved its buckets (that needs the model)."""
+        from snpo.cache.identity import bucket_identity
+
+        want = bucket_identity(cfg, buckets["bucket_sizes"], buckets["buckets"])
+        for n in [s for s in ("latents", "ref") if s in self.sections]:
+            have = self.sections[n]["fingerprint"].get("resolution_buckets")
+            diffs = diff_fields({"resolution_buckets": have}, {"resolution_buckets": want})
+            if diffs:
+                raise CacheMismatchError(
+                    f"cache fingerprint mismatch ({SECTION_LABEL[n]} in {self.root}): "
+                    + "; ".join(diffs)
+                    + ". Rebuild the cache for this config's resolution_buckets (snpo cache)."
+                )
+        if epochs is not None:
+            _check_epochs(self, tuple(self.sections), epochs, "")
 
     def verify(self) -> None:
         """Hash every shard of the opened sections (CacheCorruptError naming the first bad)."""
@@ -407,12 +446,22 @@ def _check_fingerprints(root: Path, view: dict, cfg, need: tuple) -> None:
     for n in need:
         sec = view["sections"][n]
         want = section_fingerprint(n, cfg, sec["layout"], mid, did)
+        have_b = sec["fingerprint"].get("resolution_buckets")
+        want_b = want.get("resolution_buckets")
+        if isinstance(have_b, dict) and isinstance(want_b, dict):
+            # the resolved buckets and assignment need the model: Cache.check_buckets, later
+            want_b.update(sizes=have_b.get("sizes"), assignment=have_b.get("assignment"))
         diffs = diff_fields(sec["fingerprint"], want)
         if diffs:
             raise CacheMismatchError(
                 f"cache fingerprint mismatch ({SECTION_LABEL[n]} in {root}): "
                 + "; ".join(diffs)
                 + ". Rebuild the cache for this config (snpo cache) or use the matching one."
+                + (
+                    " (resolution_buckets: latents and reference errors are built per bucket)"
+                    if any(d.startswith("resolution_buckets") for d in diffs)
+                    else ""
+                )
             )
 
 

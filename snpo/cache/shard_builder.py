@@ -260,6 +260,8 @@ class ShardBuilder:
         from snpo.models import encode_images
 
         lay = self.latent_layout
+        if lay.get("buckets") is not None:
+            return self._build_bucketed_latents(k, epoch)
         pixel, v_n = lay["pixel_space"], lay["variants"]
         first = k * self.shard_size
         idx = list(range(first, min(self.num_pairs, first + self.shard_size)))
@@ -320,6 +322,102 @@ class ShardBuilder:
         out["row_crc"] = row_crcs(big, 3)
         return out, {"first": first, "bad": sorted(bad)}
 
+    def _build_bucketed_latents(self, k: int, epoch: int | None):
+        """:meth:`build_latents` of a ``resolution_buckets`` cache: the shard's pairs grouped by
+        bucket b, ``mean_b`` / ``logvar_b`` (pixel space: ``pixels_b``) (P_b, 2, V, C, h_b, w_b)
+        and ``row_crc_b`` for each bucket b present; ``bucket`` (P,) each pair's bucket id and
+        ``bucket_row`` (P,) its row in that bucket's tensors; the small tensors as square
+        shards. Each VAE forward holds one bucket (one shape)."""
+        from snpo.models import encode_images
+
+        lay = self.latent_layout
+        pixel, v_n = lay["pixel_space"], lay["variants"]
+        first = k * self.shard_size
+        idx = list(range(first, min(self.num_pairs, first + self.shard_size)))
+        ids = [int(self.buckets["buckets"][i]) for i in idx]
+        if epoch is not None:
+            self.latent_epochs_built.add(epoch)
+        n = len(idx)
+        c, side, _ = lay["latent_shape"]
+        f = self.cfg.resolution // side  # pixels per latent pixel
+        store_dt = dtype_of(self.latent_dtype)
+        out: dict = {
+            "bucket": torch.tensor(ids, dtype=torch.int64),
+            "bucket_row": torch.zeros(n, dtype=torch.int64),
+        }
+        groups: dict[int, list[int]] = {}
+        for i, b in zip(idx, ids):
+            out["bucket_row"][i - first] = len(groups.setdefault(b, []))
+            groups[b].append(i)
+        big: dict[int, list[str]] = {}
+        for b, members in sorted(groups.items()):
+            w, h = lay["buckets"][b]
+            shape = (len(members), 2, v_n, c, h // f, w // f)
+            if pixel:
+                out[f"pixels_{b}"] = torch.zeros(shape, dtype=torch.uint8)
+                big[b] = [f"pixels_{b}"]
+            else:
+                out[f"mean_{b}"] = torch.zeros(shape, dtype=store_dt)
+                out[f"logvar_{b}"] = torch.zeros(shape, dtype=store_dt)
+                big[b] = [f"mean_{b}", f"logvar_{b}"]
+        out["original_size"] = torch.zeros(n, 2, v_n, 2, dtype=torch.int32)
+        out["crop_top_left"] = torch.zeros(n, 2, v_n, 2, dtype=torch.int32)
+        out["valid"] = torch.zeros(n, 2, dtype=torch.uint8)
+        ds = ImageItems(self.source, self.cfg, lay["mode"], v_n, epoch, buckets=self.buckets)
+        bad = []
+        batches = []  # one bucket per batch (one shape per VAE forward)
+        for _, members in sorted(groups.items()):
+            step = self.batch_size
+            batches += [members[a : a + step] for a in range(0, len(members), step)]
+        order = worker_batch_order(len(batches), self.num_workers)
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_sampler=[batches[j] for j in order],
+            collate_fn=list_collate,
+            num_workers=self.num_workers,
+        )
+        for items in loader:
+            slots, xs, b = [], [], None
+            for it in items:
+                row = it["index"] - first
+                b = ids[row]
+                brow = int(out["bucket_row"][row])
+                out["original_size"][row] = it["size"]
+                out["crop_top_left"][row] = it["crop"]
+                if it["bad"] is not None:
+                    bad.append([it["index"], it["bad"]])
+                for j in range(2):
+                    out["valid"][row, j] = int(it["valid"][j])
+                    if it["valid"][j]:
+                        for v in range(v_n):
+                            slots.append((brow, j, v))
+                            xs.append(it["x"][j, v])
+            if not xs:
+                continue
+            x = torch.stack(xs)
+            if pixel:  # exact: transform_image's x is u/127.5 − 1 for a uint8 u
+                u = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+                for (brow, j, v), ui in zip(slots, u):
+                    out[f"pixels_{b}"][brow, j, v] = ui
+                continue
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                mean, logvar = encode_images(self.model, x.to(self.device).to(self.dtype))
+            mean, logvar = mean.to("cpu").to(store_dt), logvar.to("cpu").to(store_dt)
+            self.encode_s += time.perf_counter() - t0
+            self.encodes += len(xs)
+            if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+                raise CacheError(
+                    f"latents of pairs {items[0]['index']}..{items[-1]['index']} overflow "
+                    f"{self.latent_dtype}; use --latent_dtype fp32 or bf16"
+                )
+            for (brow, j, v), mi, li in zip(slots, mean, logvar):
+                out[f"mean_{b}"][brow, j, v] = mi
+                out[f"logvar_{b}"][brow, j, v] = li
+        for b, names in big.items():
+            out[f"row_crc_{b}"] = row_crcs([out[nm] for nm in names], 3)
+        return out, {"first": first, "bad": sorted(bad)}
+
     # -- reference errors --------------------------------------------------------------------
     def prepare_ref(self) -> None:
         """The reference as a StepModels (the model's own frozen denoiser, called as its family
@@ -370,11 +468,21 @@ class ShardBuilder:
         valid = torch.zeros(len(idx), dtype=torch.uint8)
         bad: list = []
 
+        sizes = None if self.buckets is None else self.buckets["bucket_sizes"]
+
+        def shape_of(i: int) -> tuple:
+            """The latent shape pair i trains at (resolution_buckets: its bucket's)."""
+            if sizes is None:
+                return self.latent_shape
+            w, h = sizes[int(self.buckets["buckets"][i])]
+            f = cfg.resolution // self.latent_shape[-1]
+            return (*self.latent_shape[:-2], h // f, w // f)
+
         def run(good: list[int], make_enc):
             if not good:
                 return
             draws = pair_draws(
-                cfg.seed, epoch, good, self.latent_shape, m.scheduler, cfg.uncond_prob
+                cfg.seed, epoch, good, shape_of(good[0]), m.scheduler, cfg.uncond_prob
             )
             enc = make_enc(draws)
             e = reference_errors(self.step_models, enc, draws, backend=cfg.backend).to("cpu")
@@ -383,10 +491,18 @@ class ShardBuilder:
                 err[i - first] = torch.stack([e[n], e[p + n]])
                 valid[i - first] = 1
 
+        groups = [idx]  # resolution_buckets: one bucket (one latent shape) per batch
+        if sizes is not None:
+            by: dict[int, list[int]] = {}
+            for i in idx:
+                by.setdefault(int(self.buckets["buckets"][i]), []).append(i)
+            groups = [by[b] for b in sorted(by)]
+        chunks = [
+            g[a : a + self.batch_size] for g in groups for a in range(0, len(g), self.batch_size)
+        ]
         if self.ref_inputs == "cache":
             reader = self.reader
-            for a in range(0, len(idx), self.batch_size):
-                chunk = idx[a : a + self.batch_size]
+            for chunk in chunks:
                 ok = reader.valid(epoch, chunk).tolist()
                 good = [i for i, v in zip(chunk, ok) if v]
                 bad.extend(
@@ -407,10 +523,20 @@ class ShardBuilder:
                 random_flip=cfg.random_flip,
                 on_bad_image=cfg.on_bad_image,
             )
-            keys = [(epoch, i) for i in idx]
+            batches = [
+                [
+                    (epoch, i)
+                    if sizes is None
+                    else (epoch, i, tuple(sizes[int(self.buckets["buckets"][i])]))
+                    for i in c
+                ]
+                for c in chunks
+            ]
             loader = torch.utils.data.DataLoader(
                 ds,
-                batch_sampler=self._batches(keys, self.batch_size),
+                batch_sampler=[
+                    batches[j] for j in worker_batch_order(len(batches), self.num_workers)
+                ],
                 collate_fn=collate_pairs,
                 num_workers=self.num_workers,
             )

@@ -134,6 +134,7 @@ class PairBatch:
     original_size: torch.Tensor
     crop_top_left: torch.Tensor
     bad: list[tuple[int, str]]
+    bucket: tuple[int, int] | None = None  # (w, h) of pixel-less batches (cached latents)
 
     def __len__(self) -> int:
         return self.indices.shape[0]

@@ -69,9 +69,11 @@ def open_run_cache(cfg: TrainConfig, num_pairs: int, world: int):
                 f"the cache at {root} holds none of the sections this run reads "
                 f"({', '.join(sections_used(cfg))}; cache_use: {cfg.cache_use})"
             )
-        cache = open_cache(
-            root, cfg, need, epochs=epochs_needed(cfg, num_pairs, world), num_pairs=num_pairs
-        )
+        # resolution_buckets: the epochs of the bucketed order are checked once the run has
+        # its buckets (Cache.check_buckets, in the trainer's setup)
+        bucketed = cfg.resolution_buckets is not None
+        epochs = None if bucketed else epochs_needed(cfg, num_pairs, world)
+        cache = open_cache(root, cfg, need, epochs=epochs, num_pairs=num_pairs)
     except CacheError as err:
         if cfg.ref_mode == "cache":
             raise
@@ -182,6 +184,7 @@ class CacheLatents:
                 size,
                 size,
                 bad,
+                bucket=self.order.size(g),  # resolution_buckets: the micro-batch's (w, h)
             )
 
     def encode(self, models, batch, draws, winners_only: bool):
@@ -288,12 +291,15 @@ class RunInputs:
 
     def latent_shape_of(self, batch) -> tuple[int, ...]:
         """(C, h, w) (clips: (C, F', h, w)) of ``batch``'s latents: its pixels' (H, W) over the
-        VAE factor (a ``resolution_buckets`` bucket), else :attr:`latent_shape` (square; cached
-        latents). Pixels are (P, 2|1, 3, H, W), clips (P, 2|1, 3, F, H, W)."""
+        VAE factor (a ``resolution_buckets`` bucket; cached latents: the batch's ``bucket``),
+        else :attr:`latent_shape` (square). Pixels are (P, 2|1, 3, H, W), clips (P, 2|1, 3, F, H, W)."""
         pix = batch.pixels
+        f = self.resolution // self.latent_shape[-1]
+        bucket = getattr(batch, "bucket", None)
+        if bucket is not None and len(batch) and pix.numel() == 0:  # cached latents: no pixels
+            return (*self.latent_shape[:-2], int(bucket[1]) // f, int(bucket[0]) // f)
         if pix.ndim != len(self.latent_shape) + 2 or len(batch) == 0:
             return self.latent_shape
-        f = self.resolution // self.latent_shape[-1]
         hw = (int(pix.shape[-2]) // f, int(pix.shape[-1]) // f)
         return (*self.latent_shape[:-2], *hw)
 

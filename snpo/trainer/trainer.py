@@ -127,6 +127,7 @@ class Trainer:
             winners_only=cfg.objective == "sft",
             num_frames=cfg.num_frames,
         )
+        order_kw = order_options(cfg, self.source, m, progress=dist.is_main)
         self.order = PairOrder(
             len(self.source),
             seed=cfg.seed,
@@ -134,8 +135,14 @@ class Trainer:
             world=dist.world,
             micro=cfg.train_batch_size_per_gpu,
             # data_order: windowed → row groups, K; resolution_buckets → each pair's bucket
-            **order_options(cfg, self.source, m, progress=dist.is_main),
+            **order_kw,
         )
+        if self.cache is not None and self.order.kind == "bucketed":
+            # the cached buckets, assignment and epochs against this run's bucketed order
+            total = cfg.max_steps * cfg.gradient_accumulation_steps
+            self.cache.check_buckets(
+                cfg, order_kw, epochs=(total - 1) // self.order.batches_per_epoch + 1
+            )
         side = cfg.resolution // m.latent_scale
         self.latent_shape = (m.in_channels, side, side)
         if cfg.num_frames > 1:  # clips: (C, F', h, w), F' = (F − 1)/factor + 1 latent frames

@@ -308,7 +308,6 @@ def test_resolution_buckets_option(tmp_path, tiny_sd, pairs_file):
         ({"resolution_buckets": "square"}, "resolution_buckets"),
         ({"resolution_buckets": ["17x16"]}, "17x16"),  # the tiny VAE's factor is 2
         ({"resolution_buckets": "auto", "data_order": "windowed"}, "windowed"),
-        ({"resolution_buckets": "auto", "cache_dir": str(tmp_path / "c")}, "cache_use"),
     ]
     for kw, word in bad:
         with pytest.raises(ConfigError, match="resolution_buckets") as err:
@@ -323,6 +322,16 @@ def test_resolution_buckets_option(tmp_path, tiny_sd, pairs_file):
         cache_use=["text"],
     )
     assert ok.cache_use == ["text"]
+    for use in (None, ["latents", "text", "ref"]):  # a bucketed cache serves a bucketed run
+        c = _cfg(
+            tmp_path,
+            tiny_sd,
+            pairs_file,
+            resolution_buckets="auto",
+            cache_dir=str(tmp_path / "c"),
+            cache_use=use,
+        )
+        assert c.cache_use == use
     # resuming an older checkpoint (no such option recorded) with the default is unchanged
     from snpo.trainer.checkpoint_io import trajectory_change
 
@@ -356,12 +365,16 @@ def test_data_stats_bucket_histogram(tmp_path, capsys):
     assert main([str(p), "--buckets", "wide", "--no-progress"]) == 2
 
 
-def test_cache_build_refuses_bucketed_latents(tmp_path, tiny_sd, pairs_file, capsys):
+def test_cache_build_keys_on_the_buckets(tmp_path, tiny_sd, pairs_file, capsys):
+    from snpo.cache import load_manifest
     from snpo.cache.cli import main as cache_main
 
     args = ["--model", str(tiny_sd), "--train_data", str(pairs_file), "--resolution", "16"]
-    args += ["--resolution_buckets", "auto", "--out", str(tmp_path / "cache")]
-    assert cache_main([*args, "--what", "latents,text"]) == 2
-    err = capsys.readouterr().err
-    assert "resolution_buckets" in err and "--what text" in err
-    assert not (tmp_path / "cache").exists()
+    args += ["--resolution_buckets", "auto", "--out", str(tmp_path / "cache"), "--quiet"]
+    assert cache_main([*args, "--what", "latents,text,ref", "--epochs", "1"]) == 0
+    secs = load_manifest(tmp_path / "cache")["sections"]
+    for name in ("latents", "ref"):
+        fp = secs[name]["fingerprint"]["resolution_buckets"]
+        assert fp["setting"] == "auto" and fp["assignment"].startswith("sha256:")
+        assert secs[name]["layout"]["buckets"] == fp["sizes"]
+    assert "resolution_buckets" not in secs["text"]["fingerprint"]
