@@ -45,6 +45,38 @@ from snpo.step import reference_errors
 __all__ = ["BuildInterrupted", "ShardBuilder"]
 
 
+def item_tensors(n: int, v_n: int) -> dict[str, torch.Tensor]:
+    """A latents shard's per-item tensors, zeroed: ``original_size``, ``crop_top_left``
+    (n, 2, V, 2) int32 and ``valid`` (n, 2) uint8."""
+    return {
+        "original_size": torch.zeros(n, 2, v_n, 2, dtype=torch.int32),
+        "crop_top_left": torch.zeros(n, 2, v_n, 2, dtype=torch.int32),
+        "valid": torch.zeros(n, 2, dtype=torch.uint8),
+    }
+
+
+def record_items(out: dict, items: list, first: int, v_n: int, bad: list, rows=None):
+    """Record :class:`~snpo.cache.inputs.ImageItems` ``items`` in :func:`item_tensors`'s
+    ``out`` (shard row: index − ``first``) and their bad reasons in ``bad`` ([index, why]);
+    (slots [(r, j, v)], images [(3, H, W)]) of the valid images, r the shard row or, given
+    ``rows`` (P,), ``rows[shard row]``."""
+    slots, xs = [], []
+    for it in items:
+        row = it["index"] - first
+        r = row if rows is None else int(rows[row])
+        out["original_size"][row] = it["size"]
+        out["crop_top_left"][row] = it["crop"]
+        if it["bad"] is not None:
+            bad.append([it["index"], it["bad"]])
+        for j in range(2):
+            out["valid"][row, j] = int(it["valid"][j])
+            if it["valid"][j]:
+                for v in range(v_n):
+                    slots.append((r, j, v))
+                    xs.append(it["x"][j, v])
+    return slots, xs
+
+
 class BuildInterrupted(RuntimeError):
     """Raised by the ``debug_stop_after`` test hook of :func:`snpo.cache.build_cache`."""
 
@@ -242,68 +274,29 @@ class ShardBuilder:
         out["runs"] = round(total / max(1, self.epochs), 3)
         return out
 
-    def _loader(self, dataset, keys, batch):
+    def _loader(self, dataset, batches: list):
+        """A DataLoader over ``batches`` (lists of pair indices) in the order that gives each
+        worker a contiguous run of them (:func:`snpo.cache.ranks.worker_batch_order`; results
+        are stored by pair)."""
         return torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=self._batches(keys, batch),
+            batch_sampler=[batches[j] for j in worker_batch_order(len(batches), self.num_workers)],
             collate_fn=list_collate,
             num_workers=self.num_workers,
         )
 
-    def _batches(self, keys: list, batch: int) -> list:
-        """A shard's batches in the order that gives each DataLoader worker a contiguous run
-        of them (:func:`snpo.cache.ranks.worker_batch_order`; results are stored by pair)."""
-        batches = [keys[a : a + batch] for a in range(0, len(keys), batch)]
-        return [batches[j] for j in worker_batch_order(len(batches), self.num_workers)]
-
-    def build_latents(self, k: int, epoch: int | None):
+    def _store(self, out: dict, keys: list[str], slots: list, xs: list, items: list) -> None:
+        """Images ``xs`` [(3, H, W)] into ``out[key][r, j, v]`` at ``slots`` [(r, j, v)]: keys
+        ["pixels…"] the uint8 pixels, else ["mean…", "logvar…"] the VAE posterior in the
+        latent storage dtype (a CacheError when it overflows that dtype)."""
         from snpo.models import encode_images
 
-        lay = self.latent_layout
-        if lay.get("buckets") is not None:
-            return self._build_bucketed_latents(k, epoch)
-        pixel, v_n = lay["pixel_space"], lay["variants"]
-        first = k * self.shard_size
-        idx = list(range(first, min(self.num_pairs, first + self.shard_size)))
-        ds = ImageItems(self.source, self.cfg, lay["mode"], v_n, epoch)
-        if epoch is not None:
-            self.latent_epochs_built.add(epoch)
-        n = len(idx)
-        c, h, w = lay["latent_shape"]
-        store_dt = dtype_of(self.latent_dtype)
-        if pixel:
-            out = {"pixels": torch.zeros(n, 2, v_n, c, h, w, dtype=torch.uint8)}
+        x = torch.stack(xs)
+        if self.latent_layout["pixel_space"]:
+            # exact: transform_image's x is u/127.5 − 1 for a uint8 u
+            values = [((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)]
         else:
-            out = {
-                "mean": torch.zeros(n, 2, v_n, c, h, w, dtype=store_dt),
-                "logvar": torch.zeros(n, 2, v_n, c, h, w, dtype=store_dt),
-            }
-        out["original_size"] = torch.zeros(n, 2, v_n, 2, dtype=torch.int32)
-        out["crop_top_left"] = torch.zeros(n, 2, v_n, 2, dtype=torch.int32)
-        out["valid"] = torch.zeros(n, 2, dtype=torch.uint8)
-        bad = []
-        for items in self._loader(ds, idx, self.batch_size):
-            slots, xs = [], []
-            for it in items:
-                row = it["index"] - first
-                out["original_size"][row] = it["size"]
-                out["crop_top_left"][row] = it["crop"]
-                if it["bad"] is not None:
-                    bad.append([it["index"], it["bad"]])
-                for j in range(2):
-                    out["valid"][row, j] = int(it["valid"][j])
-                    if it["valid"][j]:
-                        for v in range(v_n):
-                            slots.append((row, j, v))
-                            xs.append(it["x"][j, v])
-            if not xs:
-                continue
-            x = torch.stack(xs)
-            if pixel:  # exact: transform_image's x is u/127.5 − 1 for a uint8 u
-                u = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-                for (row, j, v), ui in zip(slots, u):
-                    out["pixels"][row, j, v] = ui
-                continue
+            store_dt = dtype_of(self.latent_dtype)
             t0 = time.perf_counter()
             with torch.no_grad():
                 mean, logvar = encode_images(self.model, x.to(self.device).to(self.dtype))
@@ -315,28 +308,48 @@ class ShardBuilder:
                     f"latents of pairs {items[0]['index']}..{items[-1]['index']} overflow "
                     f"{self.latent_dtype}; use --latent_dtype fp32 or bf16"
                 )
-            for (row, j, v), mi, li in zip(slots, mean, logvar):
-                out["mean"][row, j, v] = mi
-                out["logvar"][row, j, v] = li
-        big = [out["pixels"]] if pixel else [out["mean"], out["logvar"]]
-        out["row_crc"] = row_crcs(big, 3)
+            values = [mean, logvar]
+        for (r, j, v), *vs in zip(slots, *values):
+            for key, val in zip(keys, vs):
+                out[key][r, j, v] = val
+
+    def build_latents(self, k: int, epoch: int | None):
+        lay = self.latent_layout
+        first = k * self.shard_size
+        idx = list(range(first, min(self.num_pairs, first + self.shard_size)))
+        if epoch is not None:
+            self.latent_epochs_built.add(epoch)
+        if lay.get("buckets") is not None:
+            return self._build_bucketed_latents(first, idx, epoch)
+        pixel, v_n = lay["pixel_space"], lay["variants"]
+        ds = ImageItems(self.source, self.cfg, lay["mode"], v_n, epoch)
+        n = len(idx)
+        c, h, w = lay["latent_shape"]
+        store_dt = dtype_of(self.latent_dtype)
+        keys = ["pixels"] if pixel else ["mean", "logvar"]
+        out = {
+            key: torch.zeros(n, 2, v_n, c, h, w, dtype=torch.uint8 if pixel else store_dt)
+            for key in keys
+        }
+        out.update(item_tensors(n, v_n))
+        bad: list = []
+        step = self.batch_size
+        for items in self._loader(ds, [idx[a : a + step] for a in range(0, n, step)]):
+            slots, xs = record_items(out, items, first, v_n, bad)
+            if xs:
+                self._store(out, keys, slots, xs, items)
+        out["row_crc"] = row_crcs([out[key] for key in keys], 3)
         return out, {"first": first, "bad": sorted(bad)}
 
-    def _build_bucketed_latents(self, k: int, epoch: int | None):
+    def _build_bucketed_latents(self, first: int, idx: list[int], epoch: int | None):
         """:meth:`build_latents` of a ``resolution_buckets`` cache: the shard's pairs grouped by
         bucket b, ``mean_b`` / ``logvar_b`` (pixel space: ``pixels_b``) (P_b, 2, V, C, h_b, w_b)
         and ``row_crc_b`` for each bucket b present; ``bucket`` (P,) each pair's bucket id and
         ``bucket_row`` (P,) its row in that bucket's tensors; the small tensors as square
         shards. Each VAE forward holds one bucket (one shape)."""
-        from snpo.models import encode_images
-
         lay = self.latent_layout
         pixel, v_n = lay["pixel_space"], lay["variants"]
-        first = k * self.shard_size
-        idx = list(range(first, min(self.num_pairs, first + self.shard_size)))
         ids = [int(self.buckets["buckets"][i]) for i in idx]
-        if epoch is not None:
-            self.latent_epochs_built.add(epoch)
         n = len(idx)
         c, side, _ = lay["latent_shape"]
         f = self.cfg.resolution // side  # pixels per latent pixel
@@ -353,67 +366,21 @@ class ShardBuilder:
         for b, members in sorted(groups.items()):
             w, h = lay["buckets"][b]
             shape = (len(members), 2, v_n, c, h // f, w // f)
-            if pixel:
-                out[f"pixels_{b}"] = torch.zeros(shape, dtype=torch.uint8)
-                big[b] = [f"pixels_{b}"]
-            else:
-                out[f"mean_{b}"] = torch.zeros(shape, dtype=store_dt)
-                out[f"logvar_{b}"] = torch.zeros(shape, dtype=store_dt)
-                big[b] = [f"mean_{b}", f"logvar_{b}"]
-        out["original_size"] = torch.zeros(n, 2, v_n, 2, dtype=torch.int32)
-        out["crop_top_left"] = torch.zeros(n, 2, v_n, 2, dtype=torch.int32)
-        out["valid"] = torch.zeros(n, 2, dtype=torch.uint8)
+            big[b] = [f"pixels_{b}"] if pixel else [f"mean_{b}", f"logvar_{b}"]
+            for key in big[b]:
+                out[key] = torch.zeros(shape, dtype=torch.uint8 if pixel else store_dt)
+        out.update(item_tensors(n, v_n))
         ds = ImageItems(self.source, self.cfg, lay["mode"], v_n, epoch, buckets=self.buckets)
-        bad = []
+        bad: list = []
         batches = []  # one bucket per batch (one shape per VAE forward)
         for _, members in sorted(groups.items()):
             step = self.batch_size
             batches += [members[a : a + step] for a in range(0, len(members), step)]
-        order = worker_batch_order(len(batches), self.num_workers)
-        loader = torch.utils.data.DataLoader(
-            ds,
-            batch_sampler=[batches[j] for j in order],
-            collate_fn=list_collate,
-            num_workers=self.num_workers,
-        )
-        for items in loader:
-            slots, xs, b = [], [], None
-            for it in items:
-                row = it["index"] - first
-                b = ids[row]
-                brow = int(out["bucket_row"][row])
-                out["original_size"][row] = it["size"]
-                out["crop_top_left"][row] = it["crop"]
-                if it["bad"] is not None:
-                    bad.append([it["index"], it["bad"]])
-                for j in range(2):
-                    out["valid"][row, j] = int(it["valid"][j])
-                    if it["valid"][j]:
-                        for v in range(v_n):
-                            slots.append((brow, j, v))
-                            xs.append(it["x"][j, v])
-            if not xs:
-                continue
-            x = torch.stack(xs)
-            if pixel:  # exact: transform_image's x is u/127.5 − 1 for a uint8 u
-                u = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-                for (brow, j, v), ui in zip(slots, u):
-                    out[f"pixels_{b}"][brow, j, v] = ui
-                continue
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                mean, logvar = encode_images(self.model, x.to(self.device).to(self.dtype))
-            mean, logvar = mean.to("cpu").to(store_dt), logvar.to("cpu").to(store_dt)
-            self.encode_s += time.perf_counter() - t0
-            self.encodes += len(xs)
-            if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
-                raise CacheError(
-                    f"latents of pairs {items[0]['index']}..{items[-1]['index']} overflow "
-                    f"{self.latent_dtype}; use --latent_dtype fp32 or bf16"
-                )
-            for (brow, j, v), mi, li in zip(slots, mean, logvar):
-                out[f"mean_{b}"][brow, j, v] = mi
-                out[f"logvar_{b}"][brow, j, v] = li
+        for items in self._loader(ds, batches):
+            slots, xs = record_items(out, items, first, v_n, bad, rows=out["bucket_row"])
+            if xs:
+                b = ids[items[0]["index"] - first]
+                self._store(out, big[b], slots, xs, items)
         for b, names in big.items():
             out[f"row_crc_{b}"] = row_crcs([out[nm] for nm in names], 3)
         return out, {"first": first, "bad": sorted(bad)}

@@ -39,11 +39,16 @@ def build_t5_tokenizer(words: list[str], max_length: int = 512):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
-def build_t5_encoder(tokenizer, width: int = T5_WIDTH, layers: int = 2, seed: int = 0):
-    """A small ``T5EncoderModel`` (random weights, seeded)."""
-    from transformers import T5Config, T5EncoderModel
+def build_t5_encoder(
+    tokenizer, width: int = T5_WIDTH, layers: int = 2, seed: int = 0, *, umt5: bool = False
+):
+    """A small ``T5EncoderModel`` (random weights, seeded); ``umt5``: a gated-GELU
+    ``UMT5EncoderModel`` instead (:func:`snpo.models.tiny_wan.build_umt5_encoder`)."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    cfg = T5Config(
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    extra = {"feed_forward_proj": "gated-gelu"} if umt5 else {}
+    cfg = config_cls(
         vocab_size=len(tokenizer),
         d_model=width,
         d_kv=width // 4,
@@ -52,11 +57,12 @@ def build_t5_encoder(tokenizer, width: int = T5_WIDTH, layers: int = 2, seed: in
         num_heads=4,
         relative_attention_num_buckets=8,
         relative_attention_max_distance=32,
+        **extra,
         pad_token_id=0,
         eos_token_id=1,
     )
     torch.manual_seed(seed)
-    return T5EncoderModel(cfg)
+    return model_cls(cfg)
 
 
 def build_flow_vae(seed: int = 0):

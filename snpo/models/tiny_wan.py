@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from snpo.models.tiny_flow import WORDS, build_t5_tokenizer
+from snpo.models.tiny_flow import WORDS, build_t5_encoder, build_t5_tokenizer
 
 TEXT_WIDTH = 32  # UMT5 d_model (4096 in UMT5-XXL)
 LATENT_CHANNELS = 16
@@ -29,25 +29,9 @@ TINY_RESOLUTION = 32  # the smallest side with more than one token: 32 / 8 / 2 =
 
 
 def build_umt5_encoder(tokenizer, width: int = TEXT_WIDTH, layers: int = 2, seed: int = 0):
-    """A small ``UMT5EncoderModel`` (random weights, seeded); UMT5 has a relative position
-    bias in every layer (T5 only in the first)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    cfg = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=width,
-        d_kv=width // 4,
-        d_ff=2 * width,
-        num_layers=layers,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(seed)
-    return UMT5EncoderModel(cfg)
+    """A small ``UMT5EncoderModel`` (random weights, seeded; :func:`build_t5_encoder` with
+    ``umt5``); UMT5 has a relative position bias in every layer (T5 only in the first)."""
+    return build_t5_encoder(tokenizer, width, layers, seed, umt5=True)
 
 
 def build_wan_vae(seed: int = 0):
