@@ -14,6 +14,8 @@ Environment:
   SNPO_BENCH_TRAINER    auto | full | sd3 | none   the trainer-step rows (test_trainer_bench.py);
                         full on a CPU: the sd15-small measurement instead of the tiny rows;
                         sd3: the sd35m-small (SD3.5-M-structured) measurement
+  SNPO_BENCH_TRAINER_ROWS  all | targets   every trainer row, or only the judged ones
+                        (reference, live · fused · batched, cached · fused · batched)
   SNPO_BENCH_TRAINER_BUDGET_S  the same budget for the trainer-step rows, counted from their
                         first row (default 300 GPU, 30 CPU, 1500 CPU full)
   SNPO_BENCH_ROUNDS     interleaved rounds of the trainer-step rows (default 4–12 GPU, 4–8

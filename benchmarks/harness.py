@@ -526,7 +526,35 @@ def step_summary(wall_ms: Sequence[float], cpu_ms: Sequence[float]) -> dict[str,
     }
 
 
-def _trainer_check(target: str, row: dict[str, Any], value: float, threshold: float):
+def paired_speedup(ref_ms: Sequence[float], row_ms: Sequence[float]) -> dict[str, Any] | None:
+    """The per-round speedups q_r = ref_r / row_r of a row and the reference row timed in the
+    same interleaved rounds (index r = round r; > 1: the row is faster), which cancel the
+    machine's drift between rounds: their median, and the geometric mean with its 95 %
+    t-interval exp(m ± t_{0.975, n−1} · s / √n) over the log ratios (m, s their mean and sample
+    std). None with fewer than 2 rounds or unequal counts."""
+    from snpo.world.paired import t_interval
+
+    n = len(row_ms)
+    if n < 2 or len(ref_ms) != n or min(*ref_ms, *row_ms) <= 0:
+        return None
+    q = [a / b for a, b in zip(ref_ms, row_ms)]
+    ci = t_interval([math.log(x) for x in q])
+    return {
+        "rounds": n,
+        "median": statistics.median(q),
+        "geomean": math.exp(ci.mean),
+        "lo": math.exp(ci.lo),
+        "hi": math.exp(ci.hi),
+    }
+
+
+def _trainer_check(
+    target: str,
+    row: dict[str, Any],
+    value: float,
+    threshold: float,
+    paired: dict[str, Any] | None = None,
+):
     ok = value >= threshold
     by = value / threshold - 1.0
     unit = " pairs/GPU-h" if target == "sd15_pairs_per_hour" else "×"
@@ -534,6 +562,11 @@ def _trainer_check(target: str, row: dict[str, Any], value: float, threshold: fl
     text = f"{fmt(value)}{unit} vs ≥ {fmt(threshold)}{unit}: " + (
         f"pass by {by:.0%}" if ok else f"miss: {-by:.0%} short"
     )
+    if paired is not None:
+        text += (
+            f" (paired over {paired['rounds']} rounds: geometric mean "
+            f"{paired['geomean']:.2f}× [{paired['lo']:.2f}, {paired['hi']:.2f}])"
+        )
     return {
         "target": target,
         "provider": row.get("variant"),
@@ -553,8 +586,9 @@ def evaluate_trainer_targets(
     """Pass/miss of the trainer targets for the measured rows of ``target_models``.
 
     Rows need: model, pairs, variant, status, judged_on ("cpu": process CPU time, on CPU rows;
-    "wall": wall clock, on GPU rows), speedup_vs_reference / cpu_speedup_vs_reference,
-    pairs_per_hour, device_type, dtype."""
+    "wall": wall clock, on GPU rows), speedup_vs_reference / cpu_speedup_vs_reference (the
+    judged medians' ratio; the per-round ``paired_*`` interval, where present, goes into the
+    text), pairs_per_hour, device_type, dtype."""
     checks: list[dict[str, Any]] = []
     best: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -564,10 +598,11 @@ def evaluate_trainer_targets(
             "cpu_speedup_vs_reference" if row.get("judged_on") == "cpu" else "speedup_vs_reference"
         )
         x = row.get(key)
+        paired = row.get(f"paired_{key}")
         if row.get("variant") == "live-fused-batched" and x is not None:
-            checks.append(_trainer_check("trainer_live", row, x, TARGET_TRAINER_LIVE))
+            checks.append(_trainer_check("trainer_live", row, x, TARGET_TRAINER_LIVE, paired))
         if row.get("variant") == "cached-fused-batched" and x is not None:
-            checks.append(_trainer_check("trainer_cached", row, x, TARGET_TRAINER_CACHED))
+            checks.append(_trainer_check("trainer_cached", row, x, TARGET_TRAINER_CACHED, paired))
         if (
             row.get("variant") == "cached-fused-batched"
             and row.get("model") == "sd15"

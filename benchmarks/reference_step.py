@@ -22,9 +22,11 @@ What one step does, in that script's order:
 
 Deliberate sameness with the trainer rows, so that the ratio compares step code, not setups:
 the same policy weights (restored before each step), the same frozen reference copy, VAE and
-text encoders, pixels and prompts, and the same optimizer (``trainer_cases.MasterAdamW``:
-torch's AdamW; bf16 weights with fp32 masters on a GPU — the script itself trains fp32 weights
-under autocast, which is not modelled). β is the benchmark's (5000). Its CFG prompt dropout
+text encoders, pixels and prompts, and the same fp32 masters for bf16 weights on a GPU (the
+script itself trains fp32 weights under autocast, which is not modelled). The optimizer is the
+script's: ``torch.optim.AdamW`` with torch's default implementation
+(``trainer_cases.MasterAdamW.reference_opt``; the trainer rows use ``snpo train``'s fused one),
+over the same masters and moment tensors. β is the benchmark's (5000). Its CFG prompt dropout
 (``proportion_empty_prompts``) does not change the work and is left out.
 
 SD3-class (flow-matching) groups get the same loop in the flow-matching manner
@@ -140,7 +142,7 @@ def _dpo_update(g: TC.Group, losses: torch.Tensor, ref_losses: torch.Tensor, raw
     logged = [t.item() for t in (loss, raw_model_loss, raw_ref_loss, implicit_acc)]
     loss.backward()
     torch.nn.utils.clip_grad_norm_(g.opt.params, TC.MAX_GRAD_NORM)
-    g.opt.step()
+    g.opt.step("reference")  # torch's default AdamW implementation, as the script builds it
     g.opt.zero_grad()
     return float(logged[0])
 

@@ -21,6 +21,7 @@ from .harness import (
     MiB,
     evaluate_targets,
     evaluate_trainer_targets,
+    paired_speedup,
     summarize_targets,
     summarize_trainer_targets,
 )
@@ -70,8 +71,10 @@ def add_trainer_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copy trainer-step rows, adding, against the same model and pairs (> 1: this row is
     faster): speedup_vs_baseline (the live · fused · batched row's median wall time over this
     row's), speedup_vs_reference (the reference step's), cpu_speedup_vs_reference and
-    cpu_speedup_vs_baseline (the same with median process CPU time), and mem_vs_baseline
-    (peak memory over the baseline's)."""
+    cpu_speedup_vs_baseline (the same with median process CPU time), paired_speedup_vs_reference
+    and paired_cpu_speedup_vs_reference (the per-round ratios against the reference row timed
+    in the same rounds: :func:`benchmarks.harness.paired_speedup`), and mem_vs_baseline (peak
+    memory over the baseline's)."""
     base: dict[tuple[str, int], dict[str, Any]] = {}
     ref: dict[tuple[str, int], dict[str, Any]] = {}
     for r in rows:
@@ -87,6 +90,14 @@ def add_trainer_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         r["cpu_speedup_vs_baseline"] = _ratio(b, r, "cpu_median_ms")
         r["speedup_vs_reference"] = _ratio(f, r, "median_ms")
         r["cpu_speedup_vs_reference"] = _ratio(f, r, "cpu_median_ms")
+        ok = f is not None and r.get("status") == "ok"
+        for key, times in (
+            ("speedup_vs_reference", "wall_ms"),
+            ("cpu_speedup_vs_reference", "cpu_ms"),
+        ):
+            r[f"paired_{key}"] = (
+                paired_speedup(f[times], r[times]) if ok and times in f and times in r else None
+            )
         mem, bmem = r.get("peak_mem_bytes"), (b or {}).get("peak_mem_bytes")
         ok = r.get("status") == "ok" and b is not None
         r["mem_vs_baseline"] = mem / bmem if ok and mem and bmem else None
@@ -380,6 +391,16 @@ def _ms(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f}"
 
 
+def _paired(r: dict[str, Any]) -> str:
+    """The per-round speedup against the reference on the row's judged clock: geometric mean
+    [95 % interval]."""
+    key = "cpu_speedup_vs_reference" if r.get("judged_on") == "cpu" else "speedup_vs_reference"
+    p = r.get(f"paired_{key}")
+    if not p or r.get("reference"):
+        return "—"
+    return f"{p['geomean']:.2f}× [{p['lo']:.2f}, {p['hi']:.2f}]"
+
+
 def render_trainer_targets(results: dict[str, Any]) -> list[str]:
     t = results.get("trainer_targets") or {}
     if not t.get("evaluated"):
@@ -425,6 +446,7 @@ def render_trainer(results: dict[str, Any]) -> list[str]:
         "pairs/s",
         "× reference step",
         "× reference (CPU)",
+        "paired × reference",
         "× baseline",
         "peak GPU mem",
         "status",
@@ -453,6 +475,7 @@ def render_trainer(results: dict[str, Any]) -> list[str]:
                 "—" if pps is None else f"{pps:.2f}",
                 fmt_x(r.get("speedup_vs_reference")),
                 fmt_x(r.get("cpu_speedup_vs_reference")),
+                _paired(r),
                 fmt_x(r.get("speedup_vs_baseline")),
                 fmt_bytes(r.get("peak_mem_bytes")),
                 status,
@@ -464,7 +487,10 @@ def render_trainer(results: dict[str, Any]) -> list[str]:
         "wall / CPU ms: wall clock (synchronized) and process CPU time (user + system) of one "
         "whole step, median and min over the interleaved rounds; steps: timed steps per row; "
         "pairs/s: P / wall median; × reference step: the reference row's median over this "
-        "row's, wall time (× reference (CPU): CPU time; > 1 is faster); × baseline: the "
+        "row's, wall time (× reference (CPU): CPU time; > 1 is faster); paired × reference: "
+        "the per-round ratios reference / row on the judged clock (CPU time on a CPU, wall on "
+        "a GPU) of the rounds both rows were timed in, their geometric mean and 95 % "
+        "t-interval; × baseline: the "
         "live · fused · batched row's wall median over this row's; peak GPU mem: "
         "`max_memory_allocated` during one step, everything of the group resident (all rows "
         "share one model; `holds_bytes` in the JSON says what a run of the row keeps resident "

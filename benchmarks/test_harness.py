@@ -575,7 +575,7 @@ def test_trainer_rows_get_their_own_section():
     body = [ln for ln in md.splitlines() if ln.startswith("| sd15 | 8 |")]
     assert len(body) == 4
     assert "| cache (latents, text, `ref_err`) | fused (triton) | one 2P forward | 160.0 |" in md
-    assert "| 2.50× | 2.50× | 1.25× |" in md
+    assert "| 2.50× | 2.50× | — | 1.25× |" in md  # no per-round times: no paired column
     assert "18.00 GiB" in md and "skipped: out of memory" in md
     lines = R.summary_lines(res)
     assert "trainer step:" in lines and any("cached-fused-batched" in ln for ln in lines)
@@ -673,3 +673,54 @@ def test_real_unet_configs_have_the_real_size():
         with torch.device("meta"):
             unet = diffusers.UNet2DConditionModel(**config)
         assert sum(p.numel() for p in unet.parameters()) == n
+
+
+def test_paired_speedup_over_rounds():
+    """Per-round ratios reference / row: the drift of the machine between rounds cancels (both
+    rows slow down together in round 3), the interval is exp of the t-interval of the log
+    ratios, and it widens when the ratios disagree."""
+    ref = [100.0, 110.0, 200.0, 105.0]
+    row = [90.0, 100.0, 181.0, 95.0]
+    p = H.paired_speedup(ref, row)
+    q = [a / b for a, b in zip(ref, row)]
+    logs = [math.log(x) for x in q]
+    m = sum(logs) / 4
+    s = math.sqrt(sum((x - m) ** 2 for x in logs) / 3)
+    half = 3.182 * s / 2  # t_{0.975, 3}, √4
+    assert p["rounds"] == 4 and p["median"] == pytest.approx(sorted(q)[1] / 2 + sorted(q)[2] / 2)
+    assert p["geomean"] == pytest.approx(math.exp(m))
+    assert p["lo"] == pytest.approx(math.exp(m - half)) and p["hi"] == pytest.approx(
+        math.exp(m + half)
+    )
+    assert 1.0 < p["lo"] < p["geomean"] < p["hi"]  # faster in every round: the interval excludes 1
+    noisy = H.paired_speedup(ref, [80.0, 130.0, 190.0, 100.0])
+    assert noisy["lo"] < 1.0 < noisy["hi"]
+    assert H.paired_speedup([1.0], [1.0]) is None  # one round: no interval
+    assert H.paired_speedup([1.0, 2.0], [1.0]) is None  # rows not timed in the same rounds
+    # through the report: the judged clock's interval goes into the row and the target's text
+    rows = [
+        _trainer_row("reference", 100.0, model="sd15-small", pairs=2, cpu=100.0),
+        _trainer_row("live-fused-batched", 95.0, model="sd15-small", pairs=2, cpu=95.0),
+    ]
+    rows[0]["cpu_ms"], rows[1]["cpu_ms"] = ref, row
+    rows[0]["wall_ms"], rows[1]["wall_ms"] = ref, row
+    res = R.build_results(
+        {"device": {"name": "x", "slug": "x"}, "date": "d", "claim": False,
+         "trainer": _trainer_meta(False)}, rows, ("sd15",),
+    )  # fmt: skip
+    live = next(r for r in res["trainer_rows"] if r["variant"] == "live-fused-batched")
+    assert live["paired_cpu_speedup_vs_reference"]["geomean"] == pytest.approx(p["geomean"])
+    (check,) = res["trainer_targets"]["checks"]
+    assert f"[{p['lo']:.2f}, {p['hi']:.2f}]" in check["text"]
+    assert f"{p['geomean']:.2f}× [{p['lo']:.2f}, {p['hi']:.2f}]" in R.render_markdown(res)
+
+
+def test_target_rows_only():
+    from .trainer_cases import BASELINE, CACHED_DEFAULT, REFERENCE_ID, ROW_IDS, row_ids
+
+    assert row_ids({}) == ROW_IDS
+    assert row_ids({"SNPO_BENCH_TRAINER_ROWS": "targets"}) == (
+        REFERENCE_ID, BASELINE.id, CACHED_DEFAULT.id,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="SNPO_BENCH_TRAINER_ROWS"):
+        row_ids({"SNPO_BENCH_TRAINER_ROWS": "some"})

@@ -125,3 +125,36 @@ def test_measured_rows_repeat_the_same_step() -> None:
     assert res["live-fused-batched"]["loss"][0] == pytest.approx(0.6931, abs=1e-3)
     assert res["reference"]["loss"][0] == pytest.approx(0.6931, abs=1e-3)
     assert _equal(_weights(g), initial)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_adamw_implementations_share_one_set_of_moments(dtype) -> None:
+    """The trainer rows' AdamW is ``snpo train``'s (fused on a CPU), the reference row's torch's
+    default: allocating their states leaves the weights bit for bit, the reference optimizer
+    uses the trainer optimizer's moment tensors, and after a restore each optimizer's step
+    equals that of a freshly built AdamW of its implementation."""
+    gen = torch.Generator().manual_seed(3)
+    w0 = [torch.randn(17, 5, generator=gen).to(dtype), torch.randn(9, generator=gen).to(dtype)]
+    grads = [torch.randn(w.shape, generator=gen).to(dtype) for w in w0]
+    params = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = TC.MasterAdamW(params, lr=1e-2, weight_decay=1e-2)
+    assert all(torch.equal(p, w) for p, w in zip(params, w0))  # lr-0 allocation moved nothing
+    assert opt.fused and not opt.reference_opt.param_groups[0]["fused"]
+    for m in opt.master:
+        a, b = opt.opt.state[m], opt.reference_opt.state[m]
+        assert a["exp_avg"] is b["exp_avg"] and a["exp_avg_sq"] is b["exp_avg_sq"]
+        assert a["step"] is not b["step"] and float(a["step"]) == float(b["step"]) == 0.0
+    restorer = TC.Restorer(opt)
+    for which, fused in (("trainer", True), ("reference", False), ("trainer", True)):
+        restorer.restore()
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step(which)
+        fresh = [torch.nn.Parameter(w.clone().float()) for w in w0]
+        kw = {"fused": True} if fused else {}
+        want = torch.optim.AdamW(fresh, lr=1e-2, weight_decay=1e-2, **kw)
+        for f, g in zip(fresh, grads):
+            f.grad = g.float()
+        want.step()
+        for p, f in zip(params, fresh):
+            assert torch.equal(p.detach(), f.detach().to(dtype)), which

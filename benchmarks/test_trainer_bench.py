@@ -31,11 +31,13 @@ STEP_NOTE = (
     "(stored posterior sampled with the draws, stored prompt embeddings and `ref_err`); "
     "`preference_step` (Diff-SNPO, β = 5000, λ = 0.9, one policy forward over the 2P rows, half "
     "the pairs on the null-prompt branch; the frozen reference copy's forward when live); "
-    "`backward`; one foreach gradient clip at 1.0; AdamW (fp32 masters for bf16 weights, as "
-    "DeepSpeed's bf16 optimizer); one host read. Reference row: the same micro-batch trained "
-    "as the public Diffusion-DPO `train.py` does (VAE sample + text encoder + reference UNet "
-    "every step, policy on the concatenated winner/loser batch, eager DPO loss, four `.item()` "
-    "log reads, default clip, AdamW), same weights, optimizer, pixels and prompts. Full "
+    "`backward`; one foreach gradient clip at 1.0; AdamW as `snpo train` builds it (fused "
+    "where torch has the kernel; fp32 masters for bf16 weights, as DeepSpeed's bf16 "
+    "optimizer); one host read; live text: the conditional pairs' prompts only. Reference row: "
+    "the same micro-batch trained as the public Diffusion-DPO `train.py` does (VAE sample + "
+    "text encoder + reference UNet every step, policy on the concatenated winner/loser batch, "
+    "eager DPO loss, four `.item()` log reads, default clip, torch's default AdamW), same "
+    "weights, masters, pixels and prompts. Full "
     "fine-tune, no gradient checkpointing, random weights from the real configs, random pixels "
     "and prompts. Not in any row: data loading and decoding, the cache's shard read, DeepSpeed "
     "itself."
@@ -125,7 +127,7 @@ def _measure_group(bench, group: TC.Group, rows: dict[str, dict[str, Any]]) -> N
             row["backend"] = resolve_backend(
                 TC.Variant(*rid.split("-")).backend, device, group.dtype
             )
-    steps = group.steps()
+    steps = group.steps(tuple(rows))
 
     def out_of_time() -> bool:
         return time.monotonic() - bench.trainer_started > bench.trainer_budget_s
@@ -178,7 +180,7 @@ def test_trainer_step(bench, trainer_group) -> None:
         pytest.skip(f"GPU only: the {name} model needs a CUDA device (CPU runs use smaller ones)")
     missing = TC.diffusers_missing()
     dtype = _dtype(bench.on_gpu)
-    rows = {rid: _row(name, pairs, rid, dtype, bench.device) for rid in TC.ROW_IDS}
+    rows = {rid: _row(name, pairs, rid, dtype, bench.device) for rid in TC.row_ids()}
     bench.rows.extend(rows.values())
     if missing:
         for r in rows.values():

@@ -99,6 +99,12 @@ class PairDraws:
     def __len__(self) -> int:
         return self.indices.shape[0]
 
+    def conditional_pairs(self) -> list[int]:
+        """Positions k of the pairs on the conditional branch (not ``uncond[k]``). The draws
+        are made on the host from the seed, so this reads no device (unless they were moved
+        with :meth:`to`)."""
+        return [k for k, u in enumerate(self.uncond.tolist()) if not u]
+
     def to(self, device: torch.device | str) -> PairDraws:
         return PairDraws(
             *(getattr(self, f).to(device) for f in self.__dataclass_fields__)  # type: ignore[arg-type]

@@ -66,7 +66,9 @@ class EncodedBatch:
     """The model inputs of P pairs, before noising.
 
     latents: (2P, C, h, w) winners then losers (sft: (P, C, h, w), winners only);
-    prompts: P prompt embeddings (the conditional branch, before the null replacement);
+    prompts: P prompt embeddings (the conditional branch, before the null replacement; live
+    text leaves a null-branch pair's prompt unencoded and gives it the null embedding, a
+    cache gives its stored prompt: the step sees the null in both);
     time_ids: (2P | P, 6) SDXL micro-conditioning, None for families without
     (``ModelFamily.needs_time_ids``).
     """
@@ -163,8 +165,34 @@ def encode_batch(
     A cache replaces either half, or both (``Cache.encoded_latents``, ``Cache.text``,
     ``Cache.encoded_batch``)."""
     latents, tid = encode_latents(models, batch, draws, winners_only=winners_only)
-    prompts = encode_prompts(models.model, batch.prompts)
-    return EncodedBatch(latents, prompts.to(device=models.device, dtype=models.dtype), tid)
+    prompts = encode_branch_prompts(models, batch.prompts, draws.conditional_pairs())
+    return EncodedBatch(latents, prompts, tid)
+
+
+@torch.no_grad()
+def encode_branch_prompts(
+    models: StepModels, prompts: list[str], keep: list[int]
+) -> PromptEmbeddings:
+    """The P prompt embeddings of a micro-batch (device, training dtype), the text encoders run
+    on the conditional pairs ``keep`` only (:meth:`snpo.draws.PairDraws.conditional_pairs`): a
+    null-branch pair gets ``models.null``, which :func:`branch_embeddings` would put in its rows
+    anyway, so its prompt is never encoded. A conditional row's embedding is the one
+    :func:`encode_prompts` gives for the whole list (batch-size independent up to rounding of
+    the pooled projection)."""
+    dev, dt = models.device, models.dtype
+    null = models.null.to(device=dev, dtype=dt).expand(len(prompts))
+    if len(keep) == len(prompts):
+        return encode_prompts(models.model, list(prompts)).to(device=dev, dtype=dt)
+    out = PromptEmbeddings(
+        null.embeds.clone(), None if null.pooled is None else null.pooled.clone()
+    )
+    if keep:
+        emb = encode_prompts(models.model, [prompts[k] for k in keep]).to(device=dev, dtype=dt)
+        rows = torch.tensor(keep, device=dev)
+        out.embeds[rows] = emb.embeds
+        if out.pooled is not None:
+            out.pooled[rows] = emb.pooled
+    return out
 
 
 @torch.no_grad()

@@ -201,14 +201,15 @@ class CacheLatents:
 # --------------------------------------------------------------------------------------------
 # text: P prompt embeddings, and the null embedding
 class EncoderText:
-    """The text encoders on the batch's prompts every step."""
+    """The text encoders on the batch's conditional prompts every step (a null-branch pair's
+    prompt is not encoded: :func:`snpo.step.encode_branch_prompts`)."""
 
     source = "live"
 
-    def encode(self, models, batch):
-        from snpo.models import encode_prompts
+    def encode(self, models, batch, keep):
+        from snpo.step import encode_branch_prompts
 
-        return encode_prompts(models.model, batch.prompts)
+        return encode_branch_prompts(models, batch.prompts, keep)
 
     def null(self, model):
         from snpo.models import null_embedding
@@ -224,7 +225,7 @@ class CacheText:
     def __init__(self, cache) -> None:
         self.cache = cache
 
-    def encode(self, models, batch):
+    def encode(self, models, batch, keep):
         return self.cache.text(batch.indices)
 
     def null(self, model):
@@ -309,7 +310,8 @@ class RunInputs:
 
         sm = self.models
         latents, tid = self.latents.encode(sm, batch, draws, self.winners_only)
-        prompts = self.text.encode(sm, batch).to(device=sm.device, dtype=sm.dtype)
+        keep = draws.conditional_pairs()  # the text encoders skip the null-branch prompts
+        prompts = self.text.encode(sm, batch, keep).to(device=sm.device, dtype=sm.dtype)
         return EncodedBatch(latents, prompts, tid)
 
     def reference_errors(self, batch) -> torch.Tensor | None:

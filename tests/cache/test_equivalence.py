@@ -21,7 +21,7 @@ from snpo.config import PRESETS
 from snpo.data import PairDataset, PairOrder, collate_pairs, open_source
 from snpo.draws import pair_draws
 from snpo.models import load_model, null_embedding
-from snpo.step import StepModels, encode_batch, preference_step, unet_fn
+from snpo.step import StepModels, branch_embeddings, encode_batch, preference_step, unet_fn
 
 from .conftest import BAD_PAIR, BUILD, make_cfg
 
@@ -126,7 +126,10 @@ def test_reference_errors_equal_live_for_each_epoch(sd_cache):
         i, d2, enc_c = paths.cached_batch(epoch, IDX)
         assert i.tolist() == batch.indices.tolist()
         torch.testing.assert_close(enc_c.latents, enc.latents, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(enc_c.prompts.embeds, enc.prompts.embeds, rtol=1e-5, atol=1e-6)
+        # the embeddings the denoiser sees (live text leaves null-branch prompts unencoded)
+        seen_c = branch_embeddings(cache.null(), enc_c.prompts, d2.uncond)
+        seen = branch_embeddings(paths.live.null, enc.prompts, d.uncond)
+        torch.testing.assert_close(seen_c.embeds, seen.embeds, rtol=1e-5, atol=1e-6)
     assert not torch.equal(cache.ref_err(0, [0]), cache.ref_err(1, [0]))  # per-epoch draws
     torch.testing.assert_close(cache.null().embeds, null_embedding(paths.m).embeds)
     assert cache.bad(0, range(15))[0][0] == BAD_PAIR
@@ -212,10 +215,12 @@ def test_sdxl_random_crop_fp16_latents(tmp_path, tiny_sdxl, pickapic):
     assert cache.null().embeds.abs().sum() == 0 and cache.null().pooled is not None
     for epoch in (0, 1):
         batch, d, live = paths.live_batch(epoch, IDX)
-        i, _, enc = paths.cached_batch(epoch, IDX)
+        i, d2, enc = paths.cached_batch(epoch, IDX)
         assert i.tolist() == batch.indices.tolist()
         assert torch.equal(enc.time_ids, live.time_ids)  # sizes and drawn crops, exactly
-        torch.testing.assert_close(enc.prompts.pooled, live.prompts.pooled, rtol=1e-5, atol=1e-6)
+        seen_c = branch_embeddings(cache.null(), enc.prompts, d2.uncond)
+        seen = branch_embeddings(paths.live.null, live.prompts, d.uncond)
+        torch.testing.assert_close(seen_c.pooled, seen.pooled, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(enc.latents, live.latents, rtol=2e-3, atol=2e-3)  # fp16
         # e_ref of the live reference on the cached inputs == the cached e_ref
         res = preference_step(paths.live, enc, d, objective="snpo", beta=500.0, lam=0.9)

@@ -25,6 +25,7 @@ from snpo.models import (
 from snpo.step import (
     EncodedBatch,
     StepModels,
+    branch_embeddings,
     encode_batch,
     encode_latents,
     unet_fn,
@@ -117,8 +118,10 @@ def test_sd3_cache_equals_the_live_computation(sd3_cache):
         got = cache.encoded_batch(epoch, batch.indices, d)
         assert got.time_ids is None and enc.time_ids is None
         torch.testing.assert_close(got.latents, enc.latents, **TOL)
-        torch.testing.assert_close(got.prompts.embeds, enc.prompts.embeds, **TOL)
-        torch.testing.assert_close(got.prompts.pooled, enc.prompts.pooled, **TOL)
+        seen_c = branch_embeddings(cache.null(), got.prompts, d.uncond)
+        seen = branch_embeddings(live.null, enc.prompts, d.uncond)  # null-branch rows: the null
+        torch.testing.assert_close(seen_c.embeds, seen.embeds, **TOL)
+        torch.testing.assert_close(seen_c.pooled, seen.pooled, **TOL)
         want = _ref_err(live, enc, d)
         torch.testing.assert_close(cache.ref_err(epoch, batch.indices), want, **REF_TOL)
         torch.testing.assert_close(_ref_err(live, got, d), want, **REF_TOL)
@@ -152,8 +155,10 @@ def test_without_text_encoders_the_cache_gives_the_same_batch(sd3_cache):
         latents, tid = encode_latents(models, batch, d)
         prompts = cache.text(batch.indices)
         torch.testing.assert_close(latents, enc.latents, rtol=0, atol=0)  # same VAE, same batch
-        torch.testing.assert_close(prompts.embeds, enc.prompts.embeds, **TOL)
-        torch.testing.assert_close(prompts.pooled, enc.prompts.pooled, **TOL)
+        seen_c = branch_embeddings(cache.null(), prompts, d.uncond)
+        seen = branch_embeddings(full.null, enc.prompts, d.uncond)
+        torch.testing.assert_close(seen_c.embeds, seen.embeds, **TOL)
+        torch.testing.assert_close(seen_c.pooled, seen.pooled, **TOL)
         e = _ref_err(models, EncodedBatch(latents, prompts, tid), d)
         torch.testing.assert_close(e, _ref_err(full, enc, d), **REF_TOL)
         torch.testing.assert_close(e, cache.ref_err(epoch, batch.indices), **REF_TOL)

@@ -273,3 +273,53 @@ def test_step_goes_through_the_family(tiny_sd, pickapic_clean):
     torch.testing.assert_close(out.weight, elbo_weight(sm.model.scheduler, t), rtol=0, atol=0)
     with pytest.raises(ValueError, match="weighting"):
         fam.noised(sm.model, enc.latents.float(), noise, draws.repeat(2), weighting="snr")
+
+
+class _CountingEncoders:
+    """Wraps every text encoder's forward, recording the batch size of each call."""
+
+    def __init__(self, model):
+        self.rows: list[int] = []
+        for enc in model.text_encoders:
+            orig = enc.forward
+
+            def fwd(ids, *a, _orig=orig, **k):
+                self.rows.append(int(ids.shape[0]))
+                return _orig(ids, *a, **k)
+
+            enc.forward = fwd
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_the_text_encoder_runs_on_the_conditional_pairs_only(
+    tiny_sd, tiny_sdxl, pickapic_clean, family
+):
+    """encode_batch encodes only the prompts of conditional pairs: a null-branch pair's row
+    holds the null embedding (what the step would put there anyway), a conditional row the
+    embedding of the whole list's encode; the loss equals the one from embeddings of all P
+    prompts; a micro-batch with every pair on the null branch runs no text encoder."""
+    from snpo.step import EncodedBatch, encode_branch_prompts
+
+    sm, batch, draws = _setup(tiny_sd if family == "sd" else tiny_sdxl, pickapic_clean)
+    full = encode_prompts(sm.model, batch.prompts)
+    spy = _CountingEncoders(sm.model)
+    assert draws.conditional_pairs() == [k for k in range(P) if not UNCOND[k]]
+    enc = encode_batch(sm, batch, draws)
+    n_enc = len(sm.model.text_encoders)
+    assert spy.rows == [int((~UNCOND).sum())] * n_enc  # 2 of the 4 prompts, once per encoder
+    for k in range(P):
+        want = sm.null.index(slice(0, 1)) if UNCOND[k] else full.index(slice(k, k + 1))
+        assert torch.equal(enc.prompts.embeds[k], want.embeds[0])
+        if full.pooled is not None:  # the pooled projection may round differently per batch
+            torch.testing.assert_close(enc.prompts.pooled[k], want.pooled[0], rtol=0, atol=1e-5)
+    ref = EncodedBatch(enc.latents, full, enc.time_ids)
+    kw = dict(objective="snpo", beta=500.0, lam=0.9)
+    a = preference_step(sm, enc, draws, **kw).loss
+    b = preference_step(sm, ref, draws, **kw).loss
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    spy.rows.clear()
+    every = encode_branch_prompts(sm, batch.prompts, [])
+    assert spy.rows == [] and len(every) == P
+    assert torch.equal(every.embeds, sm.null.embeds.expand(P, -1, -1))
+    none = encode_branch_prompts(sm, batch.prompts, list(range(P)))
+    assert spy.rows == [P] * n_enc and torch.equal(none.embeds, full.embeds)
