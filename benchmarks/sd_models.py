@@ -7,7 +7,10 @@ the real ones), the reduced SD1.5-structured model of the CPU rows (``sd15-small
 a 15.0 M two-layer CLIP text encoder of CLIP-L's width, 256 px → latents 4×32×32) and the tiny
 models of the CI subset (``snpo.models.tiny``'s shapes). For the SD3-class rows
 (:func:`build_flow_parts`): SD3's 16-channel VAE structure at a quarter width, CLIP-L / CLIP-G at
-a quarter width and a width-512 T5 encoder, 2 layers each (``sd35m-small``), and tiny ones.
+a quarter width and a width-512 T5 encoder, 2 layers each (``sd35m-small``), tiny ones, and
+the full-size SD3.5-Medium set (``sd35m``: SD3's VAE 83.8 M, CLIP-L 123.7 M and OpenCLIP bigG
+694.7 M with projections, the T5 v1.1 XXL encoder 4762.3 M; GPU rows only, or ``device="meta"``
+to count parameters without allocating).
 
 :func:`build_parts` makes the components in memory; :func:`save_model` writes the same model as a
 diffusers folder (:func:`snpo.models.tiny.save_model_folder`) that :func:`snpo.models.load_model`
@@ -60,7 +63,8 @@ TINY_VAE: dict[str, Any] = {
 }
 
 # CLIPTextConfig keyword arguments. CLIP ViT-L/14's text tower (SD1.5's and SDXL's first):
-# 123,060,480 parameters; OpenCLIP ViT-bigG/14's (SDXL's second, with projection): 694,659,840.
+# 123,060,480 parameters, 123,650,304 with its 768 × 768 projection (SD3's text_encoder);
+# OpenCLIP ViT-bigG/14's (SDXL's and SD3's second, with projection): 694,659,840.
 CLIP_L: dict[str, Any] = {
     "vocab_size": 49408,
     "hidden_size": 768,
@@ -196,7 +200,10 @@ def save_model(path: str | Path, name: str, unet_config: dict[str, Any], *, seed
 # SD3.5-Medium-structured flow-matching models (family "sd3")
 # ---------------------------------------------------------------------------------------------
 # SD3's VAE: SD's structure with 16 latent channels, no quant convs, shift and scale
-# (stable-diffusion-3-medium vae/config.json: shift_factor 0.0609, scaling_factor 1.5305)
+# (stable-diffusion-3-medium and -3.5-medium vae/config.json: block_out_channels 128/256/512/512,
+# shift_factor 0.0609, scaling_factor 1.5305): 83,819,683 parameters (SD_VAE's 83,653,863 +
+# 110,616 for the 32-channel moments conv + 55,296 for the 16-channel decoder input − 92 for
+# the two 1×1 quant convs)
 SD3_VAE: dict[str, Any] = {
     **SD_VAE,
     "latent_channels": 16,
@@ -242,16 +249,56 @@ CLIP_G_SMALL: dict[str, Any] = {
     "num_attention_heads": 5,
     "projection_dim": 320,
 }
+# T5 sizes: {"width", "layers"} for snpo.models.tiny_flow.build_t5_encoder's small encoder, or
+# T5Config keyword arguments (a dict with "d_model") for a full one
 T5_SMALL: dict[str, Any] = {"width": 512, "layers": 2}
 TINY_T5: dict[str, Any] = {"width": 48, "layers": 2}
+# google/t5-v1_1-xxl's encoder (SD3.5's text_encoder_3): 4,762,310,656 parameters = the
+# 32128 × 4096 embedding + 24 × (4 · 4096² attention + 3 · 4096 · 10240 gated-GELU FF + 2 · 4096
+# norms) + the 32 × 64 relative-position bias + the final 4096 norm. The embedding keeps the real
+# vocabulary; the benchmark's T5 tokenizer uses only its first ids.
+T5_XXL: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",  # dense_act_fn gelu_new, gated
+    "layer_norm_epsilon": 1e-6,
+    "dropout_rate": 0.1,
+    "tie_word_embeddings": False,
+}
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
 
 # per flow model of trainer_cases.MODELS: (VAE config, (CLIP-L, CLIP-G) configs, T5 size,
 # CLIP tokens per prompt)
 FLOW_COMPONENTS: dict[str, tuple[dict[str, Any], tuple[dict[str, Any], ...], dict, int]] = {
+    "sd35m": (SD3_VAE, (CLIP_L, CLIP_BIGG), T5_XXL, 77),
     "sd35m-small": (SD3_SMALL_VAE, (CLIP_L_SMALL, CLIP_G_SMALL), T5_SMALL, 77),
     "tiny-sd3": (TINY_SD3_VAE, (TINY_CLIP, TINY_CLIP), TINY_T5, 16),
 }
+
+
+def build_t5(tokenizer, size: dict[str, Any], *, seed: int = 0):
+    """A seeded random ``T5EncoderModel`` of ``size`` (see :data:`T5_SMALL`, :data:`T5_XXL`)
+    for ``tokenizer``: hidden states (batch, tokens, width). A T5Config size keeps its
+    ``vocab_size`` (≥ the tokenizer's) and takes the tokenizer's pad / eos ids."""
+    from transformers import T5Config, T5EncoderModel
+
+    from snpo.models.tiny_flow import build_t5_encoder
+
+    if "width" in size:
+        return build_t5_encoder(tokenizer, size["width"], size["layers"], seed=seed)
+    conf = T5Config(
+        **size, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    if len(tokenizer) > conf.vocab_size:
+        raise ValueError(f"tokenizer of {len(tokenizer)} tokens > vocab_size {conf.vocab_size}")
+    torch.manual_seed(seed)
+    return T5EncoderModel(conf)
 
 
 def build_flow_parts(
@@ -271,7 +318,7 @@ def build_flow_parts(
     from transformers import CLIPTextModelWithProjection
 
     from snpo.models import clip_text_config
-    from snpo.models.tiny_flow import build_t5_encoder, build_t5_tokenizer
+    from snpo.models.tiny_flow import build_t5_tokenizer
 
     vae_cfg, clip_cfgs, t5_cfg, tokens = FLOW_COMPONENTS[name]
     device = torch.device(device)
@@ -289,7 +336,7 @@ def build_flow_parts(
         toks.append(tok)
     t5_tok = build_t5_tokenizer(list(WORDS), max_length=T5_TOKENS)
     with torch.device(device):
-        t5 = build_t5_encoder(t5_tok, t5_cfg["width"], t5_cfg["layers"], seed=seed + 3)
+        t5 = build_t5(t5_tok, t5_cfg, seed=seed + 3)
     encs.append(t5)
     toks.append(t5_tok)
     with _quiet():
