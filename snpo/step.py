@@ -180,9 +180,9 @@ def encode_branch_prompts(
     :func:`encode_prompts` gives for the whole list (batch-size independent up to rounding of
     the pooled projection)."""
     dev, dt = models.device, models.dtype
-    null = models.null.to(device=dev, dtype=dt).expand(len(prompts))
     if len(keep) == len(prompts):
         return encode_prompts(models.model, list(prompts)).to(device=dev, dtype=dt)
+    null = models.null.to(device=dev, dtype=dt).expand(len(prompts))
     out = PromptEmbeddings(
         null.embeds.clone(), None if null.pooled is None else null.pooled.clone()
     )

@@ -13,7 +13,7 @@ from snpo.config import load_config
 from snpo.trainer import Trainer
 
 from .conftest import read_metrics, write_config
-from .test_buckets_training import SIZES, mixed_pairs  # noqa: F401 - the fixture
+from .test_buckets_training import SIZES, _common, mixed_pairs  # noqa: F401 - the fixture
 
 # The tolerances of tests/trainer/test_cache_training.py, same reasoning: the cache's VAE, text
 # and reference forwards ran on other batch compositions (one bucket per forward, batch_size 3
@@ -24,15 +24,10 @@ LOSS_RTOL = 1e-4
 
 
 def _values(model, data) -> dict:
-    return dict(
-        model=model,
-        train_data=data,
-        objective="snpo",
-        resolution_buckets="auto",
-        random_crop=True,
-        train_batch_size_per_gpu=2,
+    return _common(
+        model,
+        data,
         gradient_accumulation_steps=2,
-        uncond_prob=0.4,
         max_steps=7,  # 14 micro-batches: the 12 of epoch 0 (4 buckets × 6 pairs / 2) and 2 more
         beta=500.0,
         learning_rate=1e-4,
