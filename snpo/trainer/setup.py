@@ -343,9 +343,8 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: floa
 def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
     """Keyword arguments choosing torch AdamW's implementation: ``{"fused": True}`` when torch
     has its fused kernel for every parameter's device and dtype (CUDA, CPU: one pass over each
-    tensor instead of a dozen elementwise ops per tensor — 4.5× faster on the CPU benchmark
-    model, benchmarks/README.md), else ``{}`` (torch's default: foreach on CUDA, a loop
-    elsewhere). The update is the same AdamW (the same state: ``step``, ``exp_avg``,
+    tensor instead of a dozen elementwise ops per tensor), else ``{}`` (torch's default:
+    foreach on CUDA, a loop elsewhere). The update is the same AdamW (the same state: ``step``, ``exp_avg``,
     ``exp_avg_sq``); its rounding may differ from the default's in the last bit. A checkpoint
     keeps its implementation: ``load_state_dict`` restores the saved param group's ``fused``
     flag, so a run resumed from an older checkpoint continues as it started."""
